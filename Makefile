@@ -1,0 +1,18 @@
+# Quick start:  make repro   (the demo pipeline: dvc repro)   |   make test   (the test suite)
+# Both create .venv on first use and reuse it afterwards.
+VENV ?= .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: env repro test test-fast clean-tmp
+
+env:
+	@bash scripts/setup-env.sh
+
+repro: env
+	CASCADE_CLIP_GROUP=repro-$$(date -u +%Y%m%dT%H%M%SZ) dvc repro
+
+test: env
+	python -m pytest -q
+
+test-fast: env
+	python -m pytest -q -m "not slow"

@@ -1,0 +1,1 @@
+"""Datasets: the catalog, the synthetic demo world, the prepared layout and torch datasets."""

@@ -1,0 +1,198 @@
+"""The prepared dataset layout every later stage reads (DESIGN.md, stage prepare_data).
+
+    <root>/images/<split>/<id>.png     RGB images
+    <root>/labels/<split>/<id>.png     uint8 class ids, 255 = ignore
+    <root>/manifest.parquet            one row per image (MANIFEST_SCHEMA)
+    <root>/classes.json                names, seen/unseen ids, palette, templates
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.config import IGNORE_INDEX, DatasetConfig
+from pipeline.data.catalog import DatasetEntry, get_dataset, palette, template_set
+from pipeline.data.shapes import ShapesWorld, scene_rng
+from pipeline.errors import CascadeError
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.string(), nullable=False),  # path relative to the prepared root
+        pa.field("label", pa.string(), nullable=False),  # path relative to the prepared root
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("classes", pa.list_(pa.int16()), nullable=False),  # class ids present, ascending
+    ]
+)
+
+
+class DatasetNotAvailable(CascadeError):
+    """A catalog dataset whose preparation is not part of this build (or whose files are missing)."""
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    dataset: str
+    names: list[str]
+    seen_ids: list[int]
+    unseen_ids: list[int]
+    unseen_split: str
+    palette: list[list[int]]
+    template_set: str
+    templates: list[str]
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def read(cls, path: str | Path) -> ClassInfo:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: classes.json not found; run `dvc repro prepare_data` first")
+        return cls(**json.loads(path.read_text()))
+
+    @classmethod
+    def from_catalog(cls, entry: DatasetEntry, split: str | None) -> ClassInfo:
+        split = split or entry.default_split
+        return cls(
+            dataset=entry.name,
+            names=list(entry.classes),
+            seen_ids=entry.seen_ids(split),
+            unseen_ids=entry.unseen_ids(split),
+            unseen_split=split,
+            palette=palette(len(entry.classes)),
+            template_set=entry.templates,
+            templates=list(template_set(entry.templates)),
+        )
+
+
+def read_manifest(root: str | Path, split: str | None = None) -> list[dict]:
+    """Manifest rows as dicts (optionally one split), checked against MANIFEST_SCHEMA."""
+    path = Path(root) / "manifest.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: manifest not found; run `dvc repro prepare_data` first")
+    table = pq.read_table(path)
+    if not table.schema.equals(MANIFEST_SCHEMA):
+        raise ValueError(f"{path}: manifest schema differs from the expected one:\n{table.schema}\nexpected:\n{MANIFEST_SCHEMA}")
+    rows = table.to_pylist()
+    return [r for r in rows if split is None or r["split"] == split]
+
+
+def write_manifest(rows: list[dict], path: Path) -> None:
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    pq.write_table(table, path)
+
+
+# --------------------------------------------------------------------------------------------
+# the demo world
+# --------------------------------------------------------------------------------------------
+def _draw_and_write(task: tuple) -> dict:
+    world, seed, split, index, demo, root = task
+    rng = scene_rng(seed, split, index)
+    n_objects = int(rng.integers(demo["min_objects"], demo["max_objects"] + 1))
+    scene = world.draw(
+        rng, size=demo["image_size"], n_objects=n_objects,
+        min_size=demo["min_object_size"], max_size=demo["max_object_size"],
+    )
+    item = f"{split}_{index:06d}"
+    image_rel, label_rel = f"images/{split}/{item}.png", f"labels/{split}/{item}.png"
+    Image.fromarray(scene.image).save(root / image_rel, compress_level=1)
+    Image.fromarray(scene.label).save(root / label_rel, compress_level=1)
+    height, width = scene.label.shape
+    row = {"split": split, "id": item, "image": image_rel, "label": label_rel,
+           "height": height, "width": width, "classes": scene.present}
+    return row, np.bincount(scene.label.ravel(), minlength=256)
+
+
+def _tasks(world, seed, demo, root) -> Iterator[tuple]:
+    for split, count in (("train", demo["n_train"]), ("val", demo["n_val"])):
+        for index in range(count):
+            yield (world, seed, split, index, demo, root)
+
+
+def prepare_demo(cfg: DatasetConfig, seed: int, root: Path, *, progress: bool = True) -> dict:
+    """Draw the demo world into `root` (which must exist and be empty). Returns summary counts."""
+    entry = get_dataset("demo")
+    classes = ClassInfo.from_catalog(entry, cfg.unseen_split)
+    world = ShapesWorld(entry)
+    demo = cfg.demo.model_dump()
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+    total = demo["n_train"] + demo["n_val"]
+    tasks = _tasks(world, seed, demo, root)
+    bar = tqdm(total=total, desc="drawing demo world", unit="img", disable=not progress)
+    rows, pixels = [], np.zeros(256, dtype=np.int64)
+    with _pool(cfg.demo.workers) as pool:
+        for row, counts in pool.imap(_draw_and_write, tasks, chunksize=32):
+            rows.append(row)
+            pixels += counts
+            bar.update()
+    bar.close()
+    write_manifest(rows, root / "manifest.parquet")
+    (root / "classes.json").write_text(classes.to_json())
+    return summarise(rows, pixels, classes)
+
+
+class _SerialPool:
+    """The slice of multiprocessing.Pool used here, in-process (workers == 1)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+
+def _pool(workers: int):
+    return get_context("spawn").Pool(workers) if workers > 1 else _SerialPool()
+
+
+def summarise(rows: list[dict], pixels: np.ndarray, classes: ClassInfo) -> dict:
+    """Image counts per split, and pixels and images per class (for logging)."""
+    counts = {f"images_{split}": sum(r["split"] == split for r in rows) for split in ("train", "val")}
+    images = np.zeros(classes.num_classes, dtype=np.int64)
+    for r in rows:
+        images[r["classes"]] += 1
+    counts["classes"] = classes.num_classes
+    counts["unseen_classes"] = len(classes.unseen_ids)
+    counts["images_per_class_min"] = int(images.min())
+    counts["ignored_pixel_fraction"] = float(pixels[classes.ignore_index] / max(pixels.sum(), 1))
+    return {
+        "counts": counts,
+        "pixels_per_class": {name: int(pixels[i]) for i, name in enumerate(classes.names)},
+        "images_per_class": {name: int(images[i]) for i, name in enumerate(classes.names)},
+    }
+
+
+def prepare_dataset(cfg: DatasetConfig, seed: int, root: Path, *, progress: bool = True) -> dict:
+    """Prepare the configured dataset into `root`. Real datasets arrive with their downloaders."""
+    entry = get_dataset(cfg.name)
+    entry.unseen(cfg.unseen_split)  # fail early on an unknown split name
+    if cfg.name == "demo":
+        return prepare_demo(cfg, seed, root, progress=progress)
+    raise DatasetNotAvailable(
+        f"dataset {cfg.name!r} ({entry.description}) cannot be prepared yet: its downloader and converter "
+        "are not part of this build. Use dataset.name: demo for now, or place an already prepared copy "
+        "(images/, labels/, manifest.parquet, classes.json) under data/prepared yourself."
+    )

@@ -1,0 +1,89 @@
+"""Atomic outputs: everything is written aside, then renamed into place only on success.
+
+A stage killed at any point leaves either the previous complete output or none at the output
+path, never a half-written one; leftovers carry a `.tmp-` / `.old-` marker and are swept by the
+next run (`sweep_stale`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"
+
+
+def sweep_stale(target: Path) -> list[Path]:
+    """Remove leftovers of killed writes of `target` (hidden `.NAME.tmp-*` / `.NAME.old-*` siblings)."""
+    target = Path(target)
+    removed = []
+    if not target.parent.exists():
+        return removed
+    for mark in (TMP_MARK, OLD_MARK):
+        for stale in target.parent.glob(f".{target.name}{mark}*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
+def replace_path(src: Path, target: Path) -> None:
+    """Move `src` to `target`, replacing what is there; a file is replaced atomically, a folder
+    is first moved aside so `target` is always either the old or the new complete version."""
+    src, target = Path(src), Path(target)
+    if src.is_dir() and target.exists():
+        old = target.with_name(f".{target.name}{OLD_MARK}{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+        os.rename(src, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, target)
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder; on success it becomes `target`, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_path(tmp, target)
+
+
+@contextmanager
+def atomic_file(target: str | Path, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary sibling for writing; it replaces `target` (fsynced) only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}{TMP_MARK}", dir=target.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_file(path, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")

@@ -1,0 +1,115 @@
+"""MLflow helpers: where runs go, how they are tagged and grouped, how parameters are flattened."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import TrackingConfig, params_hash
+
+GROUP_ENV = "CASCADE_CLIP_GROUP"  # set by `make repro` / the pipeline flow to group one execution's runs
+TAG_STAGE = "cascade.stage"
+TAG_COMMIT = "cascade.git_commit"
+TAG_PARAMS_HASH = "cascade.params_hash"
+TAG_GROUP = "cascade.pipeline_group"
+TAG_DVC_EXP = "cascade.dvc_experiment"
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above `start` (default: cwd) holding dvc.yaml; else `start`."""
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "dvc.yaml").exists():
+            return folder
+    return start
+
+
+def tracking_uri(cfg: TrackingConfig, root: Path | None = None) -> str:
+    """params' tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite mlflow.db at the project root."""
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
+
+
+def git_commit(root: Path | None = None) -> str:
+    """HEAD's commit (with '-dirty' when tracked files changed), or 'unknown' outside git."""
+    cwd = root or project_root()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists are kept as values."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def run_tags(stage: str, stage_params: dict[str, Any], all_params: dict[str, Any], root: Path | None = None) -> dict[str, str]:
+    commit = git_commit(root)
+    dvc_exp = os.environ.get("DVC_EXP_NAME", "")
+    # one pipeline execution: an explicit id, else the DVC experiment, else code + full parameters
+    group = os.environ.get(GROUP_ENV) or dvc_exp or f"{commit[:12]}-{params_hash(all_params)}"
+    tags = {
+        TAG_STAGE: stage,
+        TAG_COMMIT: commit,
+        TAG_PARAMS_HASH: params_hash(stage_params),
+        TAG_GROUP: group,
+        "mlflow.runName": f"{stage}",
+    }
+    if dvc_exp:
+        tags[TAG_DVC_EXP] = dvc_exp
+    return tags
+
+
+@contextmanager
+def mlflow_run(
+    cfg: TrackingConfig,
+    *,
+    stage: str,
+    stage_params: dict[str, Any],
+    all_params: dict[str, Any],
+    root: Path | None = None,
+) -> Iterator[Any]:
+    """Start an MLflow run for one stage: tagged, with the stage's parameters logged flat.
+
+    An exception inside marks the run FAILED (MLflow's context manager); KeyboardInterrupt KILLED.
+    """
+    import mlflow
+
+    root = root or project_root()
+    mlflow.set_tracking_uri(tracking_uri(cfg, root))
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        artifacts = (root / "mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+    mlflow.set_experiment(cfg.experiment)
+    tags = run_tags(stage, stage_params, all_params, root)
+    with mlflow.start_run(run_name=stage, tags=tags) as run:
+        flat = flatten(stage_params)
+        mlflow.log_params({k: _param_value(v) for k, v in flat.items()})
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.end_run(status="KILLED")
+            raise
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 500 else text[:497] + "..."

@@ -1,0 +1,114 @@
+"""The stage framework: `python -m stages.<name> [--params FILE]` runs one stage as a Prefect flow
+inside an MLflow run.
+
+Order of work: parse and validate params (a bad params file stops here, before any server starts),
+then the flow (Prefect's temporary local server when PREFECT_API_URL is unset), then the MLflow
+run (tagged and grouped, see pipeline.tracking), then the stage's `main(ctx)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import DEFAULT_PARAMS, Params, load_params
+from pipeline.errors import CascadeError
+from pipeline.tracking import mlflow_run, project_root
+
+log = logging.getLogger("cascade_clip.stages")
+
+
+@dataclass
+class StageContext:
+    """What a stage's main() gets: validated params, the project root and the active MLflow run."""
+
+    name: str
+    params: Params
+    sections: tuple[str, ...]
+    root: Path
+    run: Any = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def stage_params(self) -> dict[str, Any]:
+        return self.params.section_dict(*self.sections)
+
+    def path(self, relative: str | Path) -> Path:
+        return self.root / relative
+
+    def write_config(self, folder: Path) -> None:
+        """Save the stage's merged parameters beside its outputs (params.yaml of this stage)."""
+        (folder / "stage_params.yaml").write_text(yaml.safe_dump(self.stage_params, sort_keys=True))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        clean = {k: float(v) for k, v in metrics.items()}
+        self.metrics.update(clean)
+        mlflow.log_metrics(clean, step=step)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        import mlflow
+
+        mlflow.log_dict(data, name)
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), folder)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        import mlflow
+
+        mlflow.log_figure(figure, name)
+
+
+StageMain = Callable[[StageContext], None]
+
+
+def parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"Run the {name} stage.")
+    parser.add_argument("--params", type=Path, default=None, help="params file (default: params.yaml at the project root)")
+    return parser.parse_args(argv)
+
+
+def run_stage(name: str, main: StageMain, sections: tuple[str, ...], argv: list[str] | None = None) -> int:
+    """Validate params, then run `main` as the Prefect flow `name` inside an MLflow run. Returns an exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = parse_args(name, argv)
+    root = project_root()
+    try:
+        params = load_params(args.params or (root / DEFAULT_PARAMS.name))
+    except CascadeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        stage_flow(name, main, sections, root)(params.model_dump(mode="json"))
+    except CascadeError as exc:
+        print(f"error [{name}]: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def stage_flow(name: str, main: StageMain, sections: tuple[str, ...], root: Path):
+    """The Prefect flow of one stage; its only flow parameter is the (JSON) parameter set."""
+    from prefect import flow
+
+    @flow(name=name, log_prints=True)
+    def _stage(params: dict) -> dict[str, float]:
+        ctx = StageContext(name=name, params=Params.model_validate(params), sections=sections, root=root)
+        with mlflow_run(ctx.params.tracking, stage=name, stage_params=ctx.stage_params,
+                        all_params=ctx.params.section_dict(), root=ctx.root) as run:
+            ctx.run = run
+            main(ctx)
+        return ctx.metrics
+
+    return _stage

@@ -1,0 +1,52 @@
+import pytest
+
+from pipeline.io import atomic_dir, atomic_file, sweep_stale, write_json
+
+
+def test_atomic_dir_appears_only_on_success(tmp_path):
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("new")
+        assert not target.exists()
+    assert (target / "a.txt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_failure_midway_leaves_previous_output_and_no_debris(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("disk on fire")
+    assert (target / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_failure_with_no_previous_output_leaves_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "x").write_text("x")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_leftovers_of_a_killed_run_are_swept(tmp_path):
+    (tmp_path / ".out.tmp-abc").mkdir()
+    (tmp_path / ".out.old-123").mkdir()
+    (tmp_path / ".other.tmp-1").mkdir()
+    removed = sweep_stale(tmp_path / "out")
+    assert len(removed) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [".other.tmp-1"]
+
+
+def test_atomic_file_replaces_only_on_success(tmp_path):
+    path = tmp_path / "m.json"
+    write_json(path, {"a": 1})
+    with pytest.raises(ValueError):
+        with atomic_file(path, "w") as handle:
+            handle.write("{broken")
+            raise ValueError
+    assert path.read_text().strip() == '{\n  "a": 1\n}'
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]

@@ -1,0 +1,109 @@
+"""prepare_data as a real stage: a Prefect flow (test harness server) inside an MLflow run (SQLite)."""
+
+import json
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipeline.config import render_params_yaml, load_params
+from pipeline.data.prepared import read_manifest
+from pipeline.tracking import TAG_COMMIT, TAG_GROUP, TAG_PARAMS_HASH, TAG_STAGE
+from stages import prepare_data
+from stages.common import run_stage
+
+TINY = {"dataset": {"demo": {"n_train": 12, "n_val": 4, "image_size": 40, "workers": 1}}}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, mlflow_uri, prefect_harness):
+    """A temp project folder (dvc.yaml marks the root) with tiny demo params."""
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    params = yaml.safe_load(render_params_yaml())
+    params["dataset"]["demo"].update(TINY["dataset"]["demo"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def runs(uri):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cascade-clip")
+    return client.search_runs([experiment.experiment_id])
+
+
+def test_stage_writes_outputs_and_a_tagged_mlflow_run(project, mlflow_uri):
+    assert run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, []) == 0
+    rows = read_manifest(project / "data/prepared")
+    assert len(rows) == 16
+    assert (project / "data/prepared/stage_params.yaml").exists()
+    metrics = json.loads((project / "data/prepare_metrics.json").read_text())
+    assert metrics["images_train"] == 12 and metrics["classes"] == 16
+
+    [run] = runs(mlflow_uri)
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags[TAG_STAGE] == "prepare_data"
+    assert tags[TAG_COMMIT] and tags[TAG_GROUP]
+    assert len(tags[TAG_PARAMS_HASH]) == 16
+    assert run.data.params["dataset.demo.n_train"] == "12"
+    assert run.data.params["dataset.name"] == "demo"
+    assert run.data.params["seed"] == "0"
+    assert "train.iterations" not in run.data.params  # only the sections the stage reads
+    assert run.data.metrics["images_val"] == 4
+
+
+def test_params_hash_tag_follows_the_parameters_the_stage_reads(project, mlflow_uri):
+    run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, [])
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["iterations"] = 3  # not read by prepare_data
+    (project / "other.yaml").write_text(yaml.safe_dump(params))
+    run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, ["--params", "other.yaml"])
+    params["dataset"]["demo"]["n_val"] = 3
+    (project / "third.yaml").write_text(yaml.safe_dump(params))
+    run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, ["--params", "third.yaml"])
+    hashes = [r.data.tags[TAG_PARAMS_HASH] for r in sorted(runs(mlflow_uri), key=lambda r: r.info.start_time)]
+    assert hashes[0] == hashes[1] != hashes[2]
+
+
+def test_invalid_params_stop_before_any_work(project, mlflow_uri, capsys):
+    (project / "bad.yaml").write_text("dataset:\n  name: imagenet\n")
+    assert run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, ["--params", "bad.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "dataset.name: invalid value 'imagenet'" in err and "'demo'" in err
+    assert not (project / "data").exists()
+    assert not (project / "mlflow.db").exists()
+
+
+def test_real_dataset_without_downloader_fails_with_a_clear_message(project, mlflow_uri, capsys):
+    (project / "voc.yaml").write_text("dataset:\n  name: voc12\n")
+    assert run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, ["--params", "voc.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "voc12" in err and "cannot be prepared yet" in err and "Traceback" not in err
+    assert not (project / "data/prepared").exists()
+    [run] = runs(mlflow_uri)
+    assert run.info.status == "FAILED"
+
+
+def test_failure_in_the_middle_of_writing_leaves_no_output(project, mlflow_uri, monkeypatch):
+    # a previous complete output must survive a failed rerun untouched
+    assert run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, []) == 0
+    before = {p.name: p.read_bytes() for p in (project / "data/prepared/images/train").iterdir()}
+    calls = {"n": 0}
+    real_save = Image.Image.save
+
+    def failing_save(self, *args, **kwargs):  # the disk "fills up" after 7 images
+        calls["n"] += 1
+        if calls["n"] > 7:
+            raise OSError(28, "No space left on device")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    params = load_params(project / "params.yaml", overrides={"seed": 1}).model_dump(mode="json")
+    (project / "seed1.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(OSError, match="No space left"):
+        run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, ["--params", "seed1.yaml"])
+    after = {p.name: p.read_bytes() for p in (project / "data/prepared/images/train").iterdir()}
+    assert after == before
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["prepare_metrics.json", "prepared"]
