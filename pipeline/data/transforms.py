@@ -1,0 +1,143 @@
+"""Training and test transforms (the release's mmseg pipeline), on numpy arrays.
+
+Training: random rescale of a (long, short) scale by a ratio range, random crop with at most
+`cat_max_ratio` of the crop one class, horizontal flip, photometric distortion, normalisation,
+padding to the crop with the ignore label. Test: resize keeping the aspect ratio so the short side
+is the test scale (long side bounded). Labels are only ever resized with nearest neighbour and
+only ever padded with IGNORE_INDEX, so no transform invents a label value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from skimage.color import hsv2rgb, rgb2hsv
+
+from pipeline.config import IGNORE_INDEX
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # the release's normalisation, on RGB 0..255
+IMAGENET_STD = (58.395, 57.12, 57.375)
+CROP_TRIES = 10  # mmseg's RandomCrop tries at most this many crops for cat_max_ratio
+
+
+@dataclass(frozen=True)
+class Normalize:
+    mean: tuple[float, float, float]  # per RGB channel, on the 0..255 scale
+    std: tuple[float, float, float]
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] -> float32 [3, H, W]."""
+        out = (image.astype(np.float32) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def label_lut(class_ids: list[int], num_classes: int) -> np.ndarray:
+    """A 256-entry table mapping dataset class ids to positions in `class_ids`; all else -> ignore.
+
+    The inductive mapping is `label_lut(seen_ids, C)`: unseen pixels become IGNORE_INDEX and seen
+    classes are renumbered 0..S-1, the order of the text embeddings the model is given.
+    """
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for position, class_id in enumerate(class_ids):
+        if not 0 <= class_id < num_classes:
+            raise ValueError(f"class id {class_id} outside 0..{num_classes - 1}")
+        lut[class_id] = position
+    return lut
+
+
+def resize_pair(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]):
+    """Resize to (height, width): image bilinear, label nearest."""
+    height, width = size
+    image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    if label is not None:
+        label = np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST))
+    return image, label
+
+
+def rescale_size(height: int, width: int, long_side: float, short_side: float) -> tuple[int, int]:
+    """mmseg's keep-ratio rescale: the largest size with long <= long_side and short <= short_side."""
+    factor = min(long_side / max(height, width), short_side / min(height, width))
+    return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """The release's training pipeline. Call with an rng, an RGB uint8 image and a uint8 label map."""
+
+    crop_size: int
+    scale: tuple[int, int]  # (long, short) base scale
+    ratio_range: tuple[float, float]
+    cat_max_ratio: float
+    flip_prob: float
+    photometric: bool
+    normalize: Normalize
+
+    def __call__(self, rng: np.random.Generator, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # random rescale
+        ratio = rng.uniform(*self.ratio_range)
+        size = rescale_size(*label.shape, self.scale[0] * ratio, self.scale[1] * ratio)
+        image, label = resize_pair(image, label, size)
+        # random crop, retried while one class covers more than cat_max_ratio of it
+        image, label = self._crop(rng, image, label)
+        # flip
+        if rng.random() < self.flip_prob:
+            image, label = image[:, ::-1], label[:, ::-1]
+        if self.photometric:
+            image = photometric_distortion(rng, image)
+        # normalise and pad to the crop (image with 0 after normalisation, label with ignore)
+        tensor = self.normalize(np.ascontiguousarray(image))
+        return pad_to(tensor, label, self.crop_size)
+
+    def _crop(self, rng, image, label):
+        height, width = label.shape
+        crop_h, crop_w = min(self.crop_size, height), min(self.crop_size, width)
+        for _ in range(CROP_TRIES):
+            top = int(rng.integers(0, height - crop_h + 1))
+            left = int(rng.integers(0, width - crop_w + 1))
+            window = label[top : top + crop_h, left : left + crop_w]
+            if self.cat_max_ratio >= 1.0:
+                break
+            counts = np.bincount(window[window != IGNORE_INDEX].ravel(), minlength=1)
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                break
+        return image[top : top + crop_h, left : left + crop_w], window
+
+
+def pad_to(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad a [3, H, W] image with 0 and an [H, W] label with IGNORE_INDEX to at least size x size."""
+    _, height, width = image.shape
+    pad_h, pad_w = max(size - height, 0), max(size - width, 0)
+    if pad_h or pad_w:
+        image = np.pad(image, ((0, 0), (0, pad_h), (0, pad_w)))
+        label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def photometric_distortion(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """mmseg's PhotoMetricDistortion: brightness, contrast (before or after), saturation, hue; each with p=0.5."""
+    img = image.astype(np.float32)
+    if rng.random() < 0.5:
+        img = img + rng.uniform(-32, 32)
+    contrast_first = rng.random() < 0.5
+    if contrast_first and rng.random() < 0.5:
+        img = img * rng.uniform(0.5, 1.5)
+    img = np.clip(img, 0, 255)
+    do_saturation, do_hue = rng.random() < 0.5, rng.random() < 0.5
+    if do_saturation or do_hue:
+        hsv = rgb2hsv(img / 255.0)
+        if do_saturation:
+            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 1)
+        if do_hue:
+            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18) / 180.0) % 1.0
+        img = hsv2rgb(hsv) * 255.0
+    if not contrast_first and rng.random() < 0.5:
+        img = img * rng.uniform(0.5, 1.5)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def eval_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
+    """Test-time size: short side = short_side, long side at most max_long_side, ratio kept."""
+    return rescale_size(height, width, max_long_side, short_side)

@@ -1,0 +1,1 @@
+"""Engines: training loop, inference, metrics, pseudo-labels, toy CLIP pretraining."""

@@ -1,0 +1,89 @@
+import numpy as np
+
+from pipeline.config import IGNORE_INDEX
+from pipeline.data.transforms import Normalize, TrainTransform, eval_size, label_lut, rescale_size
+
+IDENTITY = Normalize(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+PALETTE = np.array([[200, 0, 0], [0, 200, 0], [0, 0, 200], [200, 200, 0]], dtype=np.uint8)
+
+
+def blocky_pair(rng, size=64):
+    """A label of 8x8 blocks of classes 0..3 and some ignore, and an image coloured by class."""
+    blocks = rng.integers(0, 5, (size // 8, size // 8))
+    label = np.kron(blocks, np.ones((8, 8), dtype=np.int64)).astype(np.uint8)
+    label[label == 4] = IGNORE_INDEX
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    image[label != IGNORE_INDEX] = PALETTE[label[label != IGNORE_INDEX]]
+    return image, label
+
+
+def transform(**kw):
+    args = dict(crop_size=48, scale=(128, 64), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
+                flip_prob=0.5, photometric=False, normalize=IDENTITY) | kw
+    return TrainTransform(**args)
+
+
+def test_crop_flip_pad_keep_image_and_label_aligned_exactly():
+    rng = np.random.default_rng(0)
+    tf = transform(ratio_range=(1.0, 1.0), crop_size=80)  # no resampling: every pixel must match
+    for _ in range(20):
+        image, label = blocky_pair(rng)
+        out_image, out_label = tf(rng, image, label)
+        assert out_image.shape == (3, 80, 80) and out_label.shape == (80, 80)
+        valid = out_label != IGNORE_INDEX
+        colours = out_image.transpose(1, 2, 0)[valid].astype(np.uint8)
+        assert np.array_equal(colours, PALETTE[out_label[valid]])
+        assert np.all(out_image[:, 64:, :] == 0) and np.all(out_label[64:, :] == IGNORE_INDEX)  # padding
+
+
+def test_rescaled_pairs_stay_aligned_and_invent_no_labels():
+    rng = np.random.default_rng(1)
+    tf = transform()
+    for _ in range(30):
+        image, label = blocky_pair(rng)
+        out_image, out_label = tf(rng, image, label)
+        assert set(np.unique(out_label)) <= set(np.unique(label)) | {IGNORE_INDEX}
+        # away from block borders (3x3 neighbourhood of one class) bilinear image and nearest label agree
+        padded = np.pad(out_label, 1, mode="edge")
+        same = np.ones_like(out_label, dtype=bool)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                same &= padded[dy : dy + out_label.shape[0], dx : dx + out_label.shape[1]] == out_label
+        interior = same & (out_label != IGNORE_INDEX)
+        colours = out_image.transpose(1, 2, 0)[interior]
+        assert np.all(np.abs(colours - PALETTE[out_label[interior]]) < 40)
+
+
+def test_photometric_distortion_changes_only_the_image():
+    rng = np.random.default_rng(2)
+    image, label = blocky_pair(rng)
+    a_img, a_lab = transform(photometric=True, ratio_range=(1, 1), flip_prob=0)(np.random.default_rng(5), image, label)
+    b_img, b_lab = transform(photometric=False, ratio_range=(1, 1), flip_prob=0)(np.random.default_rng(5), image, label)
+    assert np.array_equal(a_lab, b_lab)
+    assert a_img.shape == b_img.shape
+
+
+def test_cat_max_ratio_prefers_mixed_crops():
+    label = np.zeros((64, 64), dtype=np.uint8)
+    label[:, 48:] = 1  # class 0 covers 75% of the image
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    rng = np.random.default_rng(3)
+    tf = transform(crop_size=32, ratio_range=(1, 1), scale=(64, 64), flip_prob=0)
+    mixed = 0
+    for _ in range(50):
+        _, out = tf(rng, image, label)
+        counts = np.bincount(out[out != IGNORE_INDEX].ravel(), minlength=2)
+        mixed += counts.max() / counts.sum() < 0.75
+    assert mixed > 35  # without the retry rule only 1/3 of crops are mixed
+
+
+def test_inductive_mapping_ignores_unseen_and_renumbers_seen():
+    lut = label_lut([0, 2, 3], num_classes=4)
+    label = np.array([[0, 1, 2], [3, 255, 1]], dtype=np.uint8)
+    assert lut[label].tolist() == [[0, 255, 1], [2, 255, 255]]
+
+
+def test_test_time_size_keeps_ratio():
+    assert eval_size(375, 500, 512, 2048) == (512, 683)
+    assert eval_size(100, 1000, 512, 2048) == (205, 2048)
+    assert rescale_size(96, 96, 384, 96) == (96, 96)
