@@ -110,19 +110,45 @@ class ToyClipConfig(Section):
     """captioned images generated for pretraining"""
     single_object_fraction: float = Field(0.75, ge=0, le=1)
     """share of pretraining images with one object (one-object captions teach shape fastest)"""
+    max_objects: int = Field(3, ge=2)
+    """most objects in a multi-object pretraining image (they have 2..max_objects)"""
+    min_object_size: float = Field(0.3, gt=0, le=1)
+    """smallest pretraining object, as a fraction of the image side"""
+    max_object_size: float = Field(0.55, gt=0, le=1)
+    """largest pretraining object, as a fraction of the image side"""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay of the pretraining (not applied to gains, biases and the logit scale)"""
+    n_holdout: int = Field(320, ge=1)
+    """held-out single-object images for the zero-shot check, spread evenly over the classes"""
+    threads: int = Field(2, ge=0)
+    """CPU threads torch uses while pretraining (0 = torch's default)"""
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ToyClipConfig:
+        if self.min_object_size > self.max_object_size:
+            raise ValueError("min_object_size must be <= max_object_size")
+        if self.width % self.head_width:
+            raise ValueError(f"width ({self.width}) must be a multiple of head_width ({self.head_width})")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        return self
 
 
 class ClipConfig(Section):
     source: Literal["toy", "openai", "file"] = "toy"
     """where CLIP weights come from: pretrain a toy CLIP on the demo world, OpenAI's ViT-B/16, or a local file"""
     arch: str = "ViT-B-16-quickgelu"
-    """open_clip architecture name used with source openai or file"""
+    """open_clip architecture name (or path of an open_clip model-config .json) used with source openai or file"""
     file: Path | None = None
     """local checkpoint (OpenAI JIT .pt or open_clip state dict) for source file"""
     sha256: str | None = None
-    """expected sha256 of the checkpoint file; null = not checked (openai has a built-in one)"""
+    """expected sha256 of the checkpoint file; null = not checked (openai: the one in OpenAI's URL)"""
     cache_dir: Path = Path("data/cache/clip")
     """where downloaded CLIP weights are kept"""
+    url: str | None = None
+    """download URL of source openai's weights (https:// or file://); null = OpenAI's URL for clip.arch"""
+    download: bool = True
+    """fetch missing openai weights from the internet; false = only use a file already in cache_dir"""
     toy: ToyClipConfig = ToyClipConfig()
     """architecture and pretraining of the toy CLIP (source toy)"""
 
@@ -143,6 +169,8 @@ class TextConfig(Section):
     """templates with one '{}' for the class name, used when templates is 'custom'"""
     batch_size: int = Field(256, ge=1)
     """prompts encoded per forward pass of the text tower"""
+    per_template: bool = False
+    """also write every (class, template) embedding, [C, T, D], as per_template.npy"""
 
     @model_validator(mode="after")
     def _custom(self) -> TextConfig:
@@ -259,6 +287,8 @@ class TrainConfig(Section):
     """horizontal flip probability"""
     photometric: bool = True
     """random brightness, contrast, saturation and hue distortion"""
+    normalization: Literal["backbone", "imagenet"] = "backbone"
+    """pixel mean/std: the CLIP backbone's own, or ImageNet's as the authors' release"""
     amp: Literal["none", "bf16", "fp16"] = "none"
     """mixed precision: bf16 on CPU or CUDA, fp16 on CUDA only"""
     checkpoint_every: int = Field(250, ge=1)

@@ -84,9 +84,10 @@ def mlflow_run(
     stage: str,
     stage_params: dict[str, Any],
     all_params: dict[str, Any],
+    logged_params: dict[str, Any] | None = None,
     root: Path | None = None,
 ) -> Iterator[Any]:
-    """Start an MLflow run for one stage: tagged, with the stage's parameters logged flat.
+    """Start an MLflow run for one stage: tagged, with the stage's parameters (or `logged_params`) logged flat.
 
     An exception inside marks the run FAILED (MLflow's context manager); KeyboardInterrupt KILLED.
     """
@@ -101,7 +102,7 @@ def mlflow_run(
     mlflow.set_experiment(cfg.experiment)
     tags = run_tags(stage, stage_params, all_params, root)
     with mlflow.start_run(run_name=stage, tags=tags) as run:
-        flat = flatten(stage_params)
+        flat = flatten(logged_params if logged_params is not None else stage_params)
         mlflow.log_params({k: _param_value(v) for k, v in flat.items()})
         try:
             yield run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ class StageContext:
     params: Params
     sections: tuple[str, ...]
     root: Path
-    run: Any = None
+    run: Any = None  # None on DDP ranks other than 0: they train but log nothing
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -52,22 +53,26 @@ class StageContext:
 
         clean = {k: float(v) for k, v in metrics.items()}
         self.metrics.update(clean)
-        mlflow.log_metrics(clean, step=step)
+        if self.run is not None:
+            mlflow.log_metrics(clean, step=step)
 
     def log_dict(self, data: dict, name: str) -> None:
         import mlflow
 
-        mlflow.log_dict(data, name)
+        if self.run is not None:
+            mlflow.log_dict(data, name)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         import mlflow
 
-        mlflow.log_artifact(str(path), folder)
+        if self.run is not None:
+            mlflow.log_artifact(str(path), folder)
 
     def log_figure(self, figure: Any, name: str) -> None:
         import mlflow
 
-        mlflow.log_figure(figure, name)
+        if self.run is not None:
+            mlflow.log_figure(figure, name)
 
 
 StageMain = Callable[[StageContext], None]
@@ -79,8 +84,20 @@ def parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_stage(name: str, main: StageMain, sections: tuple[str, ...], argv: list[str] | None = None) -> int:
-    """Validate params, then run `main` as the Prefect flow `name` inside an MLflow run. Returns an exit code."""
+def run_stage(
+    name: str,
+    main: StageMain,
+    sections: tuple[str, ...],
+    argv: list[str] | None = None,
+    *,
+    log_all_params: bool = False,
+) -> int:
+    """Validate params, then run `main` as the Prefect flow `name` inside an MLflow run. Returns an exit code.
+
+    `sections` are the params the stage reads (hashed and logged); `log_all_params` logs every
+    section instead (the evaluation run, so runs compare in the MLflow UI). Under torchrun, ranks
+    other than 0 run `main` without a flow or an MLflow run.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parse_args(name, argv)
@@ -91,22 +108,26 @@ def run_stage(name: str, main: StageMain, sections: tuple[str, ...], argv: list[
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        stage_flow(name, main, sections, root)(params.model_dump(mode="json"))
+        if int(os.environ.get("RANK", "0")) > 0:
+            main(StageContext(name=name, params=params, sections=sections, root=root))
+        else:
+            stage_flow(name, main, sections, root, log_all_params)(params.model_dump(mode="json"))
     except CascadeError as exc:
         print(f"error [{name}]: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def stage_flow(name: str, main: StageMain, sections: tuple[str, ...], root: Path):
+def stage_flow(name: str, main: StageMain, sections: tuple[str, ...], root: Path, log_all_params: bool = False):
     """The Prefect flow of one stage; its only flow parameter is the (JSON) parameter set."""
     from prefect import flow
 
     @flow(name=name, log_prints=True)
     def _stage(params: dict) -> dict[str, float]:
         ctx = StageContext(name=name, params=Params.model_validate(params), sections=sections, root=root)
-        with mlflow_run(ctx.params.tracking, stage=name, stage_params=ctx.stage_params,
-                        all_params=ctx.params.section_dict(), root=ctx.root) as run:
+        all_params = ctx.params.section_dict()
+        with mlflow_run(ctx.params.tracking, stage=name, stage_params=ctx.stage_params, all_params=all_params,
+                        logged_params=all_params if log_all_params else None, root=ctx.root) as run:
             ctx.run = run
             main(ctx)
         return ctx.metrics

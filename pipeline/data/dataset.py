@@ -36,8 +36,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """Items of one split: the image (normalised float [3, H, W]) and its label ([H, W] int64).
 
     `lut` maps dataset class ids to the ids the model is trained on (see transforms.label_lut);
-    `label_dir` replaces the label folder (pseudo-labels); the transform gets a generator seeded
-    from (seed, epoch, index) so augmentation is reproducible whatever the worker layout.
+    `label_root` replaces the prepared root for labels (pseudo-labels with the same relative
+    paths). `load(index, rng)` augments with the given generator, so a training stream can make
+    augmentation a function of the sample's position (reproducible whatever the worker layout).
     """
 
     def __init__(
@@ -56,17 +57,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.root}: split {split!r} has no images")
         self.transform, self.lut, self.seed = transform, lut, seed
         self.label_root = Path(label_root) if label_root else self.root
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
+        return self.load(index, np.random.default_rng([self.seed, index]))
+
+    def load(self, index: int, rng: np.random.Generator) -> dict:
         row = self.rows[index]
         image = read_image(self.root / row["image"])
         label = self.lut[read_label(self.label_root / row["label"])]
         if label.shape != image.shape[:2]:
             raise ValueError(f"{self.label_root / row['label']}: label size {label.shape} differs from image size {image.shape[:2]}")
-        rng = np.random.default_rng([self.seed, self.epoch, index])
         image, label = self.transform(rng, image, label)
         return {"image": torch.from_numpy(image), "label": torch.from_numpy(label.astype(np.int64)), "index": index}

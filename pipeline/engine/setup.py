@@ -1,0 +1,63 @@
+"""Glue shared by the train, pseudo_label, self_train and evaluate stages: model from the
+backbone, text embeddings checked against the dataset, normalisation and transforms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import EvaluateConfig, TrainConfig
+from pipeline.data.prepared import ClassInfo
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TrainTransform
+from pipeline.errors import CascadeError
+
+OPENAI_CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)  # OpenAI CLIP's pixel statistics
+OPENAI_CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
+
+
+class EmbeddingMismatch(CascadeError):
+    """Text embeddings that do not belong to the prepared dataset."""
+
+
+def normalizer(kind: str, backbone_meta: dict | None = None) -> Normalize:
+    """'imagenet' (the release) or 'backbone' (the statistics the CLIP was trained with)."""
+    if kind == "imagenet":
+        return Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    meta = backbone_meta or {}
+    mean, std = meta.get("mean"), meta.get("std")
+    if mean is None or std is None:
+        return Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    scale = 255.0 if max(mean) <= 1.0 else 1.0  # stored on the 0..1 scale by open_clip convention
+    return Normalize(tuple(m * scale for m in mean), tuple(s * scale for s in std))
+
+
+def train_transform(cfg: TrainConfig, normalize: Normalize) -> TrainTransform:
+    return TrainTransform(
+        crop_size=cfg.crop_size, scale=cfg.scale, ratio_range=cfg.ratio_range, cat_max_ratio=cfg.cat_max_ratio,
+        flip_prob=cfg.flip_prob, photometric=cfg.photometric, normalize=normalize,
+    )
+
+
+def load_text_embeddings(path: Path, classes: ClassInfo) -> torch.Tensor:
+    """[C, D] float32 class embeddings, checked to match the dataset's class count."""
+    if not path.exists():
+        raise EmbeddingMismatch(f"{path}: text embeddings not found; run `dvc repro embed_text` first")
+    embeddings = np.load(path)
+    if embeddings.ndim != 2 or embeddings.shape[0] != classes.num_classes:
+        raise EmbeddingMismatch(
+            f"{path}: holds {embeddings.shape[0] if embeddings.ndim else 0} class embeddings but dataset "
+            f"{classes.dataset!r} has {classes.num_classes} classes; re-run `dvc repro embed_text` after prepare_data"
+        )
+    return torch.from_numpy(embeddings.astype(np.float32))
+
+
+def seen_mask(classes: ClassInfo) -> torch.Tensor:
+    mask = torch.zeros(classes.num_classes, dtype=torch.bool)
+    mask[classes.seen_ids] = True
+    return mask
+
+
+def eval_settings(cfg: EvaluateConfig) -> dict:
+    return {"mode": cfg.mode, "crop": cfg.crop_size, "stride": cfg.stride}

@@ -1,0 +1,280 @@
+"""The iteration-based training loop shared by inductive training and self-training.
+
+Deterministic on CPU for a seed: sample k of the training stream is image perm_e[k mod n] of
+epoch e = k // n (perm_e seeded by (seed, e)), augmented with a generator seeded by (seed, k), so
+batches depend only on the step, not on worker processes or on where a run was resumed. A
+checkpoint (trainable weights, optimiser, RNG state, step) is written atomically every
+`checkpoint_every` steps; `train()` resumes from it when its parameter hash matches.
+DDP (torchrun) shards each global batch across ranks and all-reduces the mask count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from pipeline.config import LossConfig, TrainConfig
+from pipeline.data.dataset import SegmentationDataset
+from pipeline.engine.schedule import poly_lr
+from pipeline.io import atomic_file
+from pipeline.model import CascadeCLIP, count_masks, segmentation_loss
+from pipeline.model.checkpoint import trainable_state
+from pipeline.model.state import check_state_dict
+
+log = logging.getLogger(__name__)
+
+LabelFn = Callable[[CascadeCLIP, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class SampleStream(torch.utils.data.Dataset):
+    """Position k of an endless, seeded stream of augmented samples (see module docstring)."""
+
+    def __init__(self, dataset: SegmentationDataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:  # positions are unbounded; the sampler decides which are read
+        return 2**62
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))}
+        return self._perms[epoch]
+
+    def __getitem__(self, position: int) -> dict:
+        epoch, offset = divmod(position, len(self.dataset))
+        return self.dataset.load(int(self._perm(epoch)[offset]), np.random.default_rng([self.seed, 1, position]))
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Stream positions this rank reads for steps start..end-1 (all micro-batches, in order)."""
+
+    def __init__(self, *, start: int, end: int, batch: int, accum: int, rank: int, world: int):
+        self.start, self.end, self.batch, self.accum, self.rank, self.world = start, end, batch, accum, rank, world
+
+    def __iter__(self):
+        per_step = self.batch * self.accum * self.world
+        for step in range(self.start, self.end):
+            for micro in range(self.accum):
+                first = step * per_step + (micro * self.world + self.rank) * self.batch
+                yield from range(first, first + self.batch)
+
+    def __len__(self) -> int:
+        return (self.end - self.start) * self.accum * self.batch
+
+
+@dataclass
+class Schedule:
+    """What differs between inductive training and self-training."""
+
+    iterations: int
+    warmup_iters: int
+    half_checkpoint: Path | None = None  # where to write the model at half the schedule
+
+
+@dataclass
+class TrainResult:
+    steps_run: int  # steps executed by this call (0 when the checkpoint was already final)
+    resumed_from: int
+    final_loss: float
+    seconds: float
+    curve: list[dict] = field(default_factory=list)  # rows: step, loss, focal, dice, lr
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps_run / self.seconds if self.seconds else float("nan")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp fp16 needs CUDA; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, schedule: Schedule) -> float:
+    lr = poly_lr(step, base_lr=cfg.lr, max_steps=schedule.iterations, power=cfg.poly_power, min_lr=cfg.min_lr,
+                 warmup_steps=schedule.warmup_iters, warmup_ratio=cfg.warmup_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    return lr
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, model: CascadeCLIP, optimizer, scaler, step: int, params_hash: str, curve: list[dict]) -> None:
+    state = {
+        "step": step,
+        "params_hash": params_hash,
+        "model": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "torch_rng": torch.get_rng_state(),
+        "curve": [[row[k] for k in CURVE_KEYS] for row in curve],
+    }
+    with atomic_file(path) as handle:
+        torch.save(state, handle)
+
+
+CURVE_KEYS = ("step", "loss", "focal", "dice", "lr")
+
+
+def load_checkpoint(path: Path, params_hash: str) -> dict | None:
+    """The checkpoint at `path` if it exists and was made with the same parameters, else None."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("params_hash") != params_hash:
+        log.warning(
+            "%s was written with other parameters (hash %s, now %s): starting from step 0; "
+            "it is replaced at the first new checkpoint (delete it to discard it now)",
+            path, state.get("params_hash"), params_hash,
+        )
+        return None
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------
+def train(
+    model: CascadeCLIP,
+    class_embeddings: torch.Tensor,
+    dataset: SegmentationDataset,
+    *,
+    cfg: TrainConfig,
+    loss_cfg: LossConfig,
+    schedule: Schedule,
+    seed: int,
+    checkpoint: Path,
+    params_hash: str,
+    label_fn: LabelFn | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+    save_model: Callable[[CascadeCLIP, Path], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model`'s trainable parameters on `dataset` for `schedule.iterations` steps.
+
+    class_embeddings [C, D] are the training class set (labels index into it). `label_fn`
+    rewrites each batch's labels from the model before the loss (online self-training).
+    Resumes from `checkpoint` when it matches `params_hash`; returns the loss curve.
+    """
+    rank, world = distributed()
+    device = resolve_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.manual_seed(seed)
+    model.to(device)
+    class_embeddings = class_embeddings.to(device)
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+
+    start, curve = 0, []
+    state = load_checkpoint(checkpoint, params_hash)
+    if state is not None:
+        check_state_dict({k: v.shape for k, v in trainable_state(model).items()}, state["model"], source=str(checkpoint))
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        start = int(state["step"])
+        curve = [dict(zip(CURVE_KEYS, row)) for row in state["curve"]]
+        log.info("resuming from %s at step %d of %d", checkpoint, start, schedule.iterations)
+    if start >= schedule.iterations:
+        return TrainResult(0, start, curve[-1]["loss"] if curve else math.nan, 0.0, curve)
+
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    sampler = StepSampler(start=start, end=schedule.iterations, batch=cfg.batch_size, accum=cfg.grad_accum, rank=rank, world=world)
+    loader = torch.utils.data.DataLoader(
+        SampleStream(dataset, seed), batch_size=cfg.batch_size, sampler=sampler,
+        num_workers=cfg.num_workers, persistent_workers=False, drop_last=False,
+        generator=torch.Generator().manual_seed(seed),  # keeps the global RNG (dropout) untouched
+    )
+    batches = iter(loader)
+    model.train()
+    bar = tqdm(range(start, schedule.iterations), initial=start, total=schedule.iterations,
+               desc="training", unit="it", disable=not progress or rank != 0)
+    began, window = time.perf_counter(), []
+    for step in bar:
+        lr = set_lr(optimizer, step, cfg, schedule)
+        optimizer.zero_grad(set_to_none=True)
+        parts = {"loss": 0.0, "focal": 0.0, "dice": 0.0}
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            if label_fn is not None:
+                labels = label_fn(model, images, labels)
+            num_masks = _global_mask_count(labels, class_embeddings.shape[0], world, device)
+            sync = wrapped.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
+            with sync:
+                with autocast(device, cfg.amp):
+                    output = wrapped(images, class_embeddings)
+                losses = segmentation_loss(output, labels, loss_cfg, num_masks=num_masks)
+                loss = losses.total / cfg.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+            parts["loss"] += losses.total.item() / cfg.grad_accum
+            parts["focal"] += losses.focal.item() / cfg.grad_accum
+            parts["dice"] += losses.dice.item() / cfg.grad_accum
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        done = step + 1
+        window.append(parts["loss"])
+        if done % cfg.log_every == 0 or done == schedule.iterations:
+            row = {"step": done, **{k: float(np.mean(window)) if k == "loss" else v for k, v in parts.items()}, "lr": lr}
+            window = []
+            curve.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+            if on_log and rank == 0:
+                on_log(row)
+        if rank == 0 and save_model and schedule.half_checkpoint and done == max(schedule.iterations // 2, 1):
+            save_model(model, schedule.half_checkpoint)
+        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == schedule.iterations):
+            save_checkpoint(checkpoint, model, optimizer, scaler, done, params_hash, curve)
+            if on_checkpoint:
+                on_checkpoint(done)
+    bar.close()
+    seconds = time.perf_counter() - began
+    if world > 1:
+        dist.barrier()
+    return TrainResult(schedule.iterations - start, start, curve[-1]["loss"] if curve else math.nan, seconds, curve)
+
+
+def _global_mask_count(labels: torch.Tensor, num_classes: int, world: int, device: torch.device) -> float:
+    """Present (image, class) pairs, averaged over ranks as the release's loss does."""
+    count = torch.tensor(float(count_masks(labels, num_classes)), device=device)
+    if world > 1:
+        dist.all_reduce(count)
+        count = count / world
+    return max(float(count), 1.0)

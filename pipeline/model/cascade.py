@@ -1,0 +1,150 @@
+"""The top-level Cascade-CLIP model and its output container."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.model.head import CascadeHead
+from pipeline.model.image_encoder import PromptedVisionEncoder
+from pipeline.model.text_encoder import TextEncoder
+
+
+def calibrated_scores(logits: torch.Tensor, seen_mask: torch.Tensor | None = None, calibration: float = 0.0) -> torch.Tensor:
+    """sigmoid(logits) [B, C, ...] minus `calibration` on the classes where seen_mask [C] is true."""
+    scores = logits.sigmoid()
+    if seen_mask is not None and calibration:
+        shape = (1, -1) + (1,) * (logits.dim() - 2)
+        scores = scores - calibration * seen_mask.to(scores.device, scores.dtype).reshape(shape)
+    return scores
+
+
+@dataclass
+class SegOutput:
+    """What the model returns for a batch."""
+
+    logits: torch.Tensor
+    """M: sum of the stage masks, bilinearly upsampled to the input size [B, C, H, W] (pre-sigmoid)"""
+    layer_logits: list[list[torch.Tensor]]
+    """per stage, per decoder layer, mask logits at feature resolution [B, C, h, w]"""
+
+    @property
+    def stage_logits(self) -> list[torch.Tensor]:
+        """Each stage's mask (its last layer's) [B, C, h, w]."""
+        return [layers[-1] for layers in self.layer_logits]
+
+    def scores(self, calibration: float = 0.0, seen_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """sigmoid(M) [B, C, H, W], minus `calibration` on seen classes (seen_mask [C] bool)."""
+        return calibrated_scores(self.logits, seen_mask, calibration)
+
+
+class CascadeCLIP(nn.Module):
+    """Frozen CLIP (image and text towers) + deep prompts + cascaded stage decoders.
+
+    Call with images [B, 3, H, W] (already normalised) and class embeddings [C, D] of any class set.
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder: PromptedVisionEncoder,
+        head: CascadeHead,
+        text_encoder: TextEncoder,
+        model_cfg: ModelConfig,
+        arch: dict,
+    ) -> None:
+        """
+        Args:
+            encoder: images [B, 3, H, W] -> VisualFeatures (blocks [B, h*w, D], g [B, D]).
+            head: (VisualFeatures, T [C, D]) -> per stage, per layer masks [B, C, h, w].
+            text_encoder: CLIP's text tower, tokens [N, L] -> [N, D] (kept frozen).
+            model_cfg: the configuration the model was built from (saved with it).
+            arch: the open_clip arch config of its CLIP (saved with it).
+        """
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.text_encoder = text_encoder
+        self.model_cfg = model_cfg
+        self.arch = arch
+        self._freeze()
+
+    @property
+    def stages(self) -> list[tuple[int, int]]:
+        """The stages this model decodes (variant-dependent; may differ from model_cfg.stages)."""
+        return self.head.stages
+
+    def forward(self, images: torch.Tensor, class_embeddings: torch.Tensor) -> SegOutput:
+        # encoder, then every stage's decoder
+        features = self.encoder(images)
+        layer_logits = self.head(features, class_embeddings)
+        # M = sum of stage masks, at input resolution
+        masks = torch.stack([layers[-1] for layers in layer_logits]).sum(dim=0)
+        logits = F.interpolate(masks, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return SegOutput(logits=logits, layer_logits=layer_logits)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: torch.Tensor,
+        class_embeddings: torch.Tensor,
+        seen_mask: torch.Tensor | None = None,
+        calibration: float = 0.0,
+    ) -> torch.Tensor:
+        """Arg-max class per pixel [B, H, W] int64 of the calibrated scores."""
+        return self(images, class_embeddings).scores(calibration, seen_mask).argmax(dim=1)
+
+    def encode_text(
+        self,
+        class_names: Sequence[str],
+        templates: Sequence[str],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        batch_size: int = 256,
+    ) -> torch.Tensor:
+        """Class embeddings [C, D] (METHOD.md: embed, normalise, average templates, normalise)."""
+        return self.text_encoder.class_embeddings(class_names, templates, tokenizer, batch_size)
+
+    # ---------------------------------------------------------------------------------------
+    # freezing and optimiser groups, by explicit module membership
+    # ---------------------------------------------------------------------------------------
+    def _freeze(self) -> None:
+        for p in self.encoder.clip_parameters():
+            p.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+        for p in self.encoder.tap_parameters():
+            p.requires_grad_(self.model_cfg.tap_trainable)
+
+    def _trainable_parts(self) -> dict[str, list[nn.Parameter]]:
+        prompts = list(self.encoder.prompts.parameters()) if self.encoder.prompts is not None else []
+        taps = self.encoder.tap_parameters() if self.model_cfg.tap_trainable else []
+        return {"prompts": prompts, "taps": taps, "head": list(self.head.parameters())}
+
+    def _no_decay_ids(self) -> set[int]:
+        ids = {id(p) for m in self.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)}
+        if self.encoder.prompts is not None:
+            ids |= {id(p) for p in self.encoder.prompts.embedding_parameters()}
+        ids |= {id(p) for agg in self.head.aggregators for p in agg.no_decay_parameters()}
+        return ids
+
+    def param_groups(self, lr: float, weight_decay: float, lr_mult: float) -> list[dict]:
+        """AdamW groups: prompts, trainable taps and head at lr * lr_mult; no decay on norms,
+        prompt embeddings and aggregation weights. Frozen CLIP parameters are in no group."""
+        no_decay = self._no_decay_ids()
+        groups = []
+        for part, params in self._trainable_parts().items():
+            for decay in (True, False):
+                chosen = [p for p in params if p.requires_grad and (id(p) not in no_decay) == decay]
+                if chosen:
+                    groups.append({
+                        "name": f"{part}" if decay else f"{part}_no_decay",
+                        "params": chosen,
+                        "lr": lr * lr_mult,
+                        "lr_mult": lr_mult,
+                        "weight_decay": weight_decay if decay else 0.0,
+                    })
+        return groups

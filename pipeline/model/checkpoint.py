@@ -1,0 +1,100 @@
+"""Model files: one .safetensors with every tensor plus the model and arch configs as metadata.
+
+`save`/`load` hold the whole model (load rebuilds it from the metadata and checks every key and
+shape). `save_trainable`/`load_trainable` hold only the trainable tensors (training checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import ModelConfig
+from pipeline.model.build import build_model
+from pipeline.model.cascade import CascadeCLIP
+from pipeline.model.state import StateDictError, check_state_dict
+
+FORMAT = "cascade-clip-model/1"  # metadata "format" of a full model file
+TRAINABLE_FORMAT = "cascade-clip-trainable/1"  # metadata "format" of a trainable-tensors file
+
+
+def _metadata(model_cfg: ModelConfig, arch: Mapping, fmt: str) -> dict[str, str]:
+    return {"format": fmt, "model_config": model_cfg.model_dump_json(), "arch": json.dumps(arch, sort_keys=True)}
+
+
+def _tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def write_model_file(state: Mapping[str, torch.Tensor], model_cfg: ModelConfig, arch: Mapping, path: str | Path) -> Path:
+    """Write a full model file from a state dict (used by `save` and the release importer)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_tensors(state), str(path), metadata=_metadata(model_cfg, arch, FORMAT))
+    return path
+
+
+def save(model: CascadeCLIP, path: str | Path) -> Path:
+    """Write the model's full state dict and its configs to one .safetensors file."""
+    return write_model_file(model.state_dict(), model.model_cfg, model.arch, path)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a model file (format, model_config JSON, arch JSON)."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> CascadeCLIP:
+    """Rebuild a model saved with `save`, checking every key and shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a Cascade-CLIP model file (format {meta.get('format')!r}, expected {FORMAT!r})")
+    model_cfg = ModelConfig.model_validate_json(meta["model_config"])
+    arch = json.loads(meta["arch"])
+    model = build_model(model_cfg, arch)
+    state = load_file(str(path), device="cpu")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(expected, state, source=str(path))
+    model.load_state_dict(state)
+    return model.to(map_location)
+
+
+def trainable_state(model: CascadeCLIP) -> dict[str, torch.Tensor]:
+    """The tensors of the parameters that require grad, by state-dict key."""
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def save_trainable(model: CascadeCLIP, path: str | Path) -> Path:
+    """Write only the trainable tensors (prompts, head, trainable taps) with the model config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_tensors(trainable_state(model)), str(path), metadata=_metadata(model.model_cfg, model.arch, TRAINABLE_FORMAT))
+    return path
+
+
+def load_trainable(model: CascadeCLIP, path: str | Path) -> None:
+    """Copy trainable tensors saved with `save_trainable` into `model` (exact keys and shapes)."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if meta.get("format") != TRAINABLE_FORMAT:
+        raise ValueError(f"{path}: not a trainable-tensors file (format {meta.get('format')!r})")
+    saved_cfg = ModelConfig.model_validate_json(meta["model_config"])
+    state = load_file(str(path), device="cpu")
+    expected = {k: v.shape for k, v in trainable_state(model).items()}
+    try:
+        check_state_dict(expected, state, source=str(path))
+    except StateDictError as exc:
+        if saved_cfg != model.model_cfg:
+            raise StateDictError(f"{exc}\n  (the file was saved from a different model config: {saved_cfg.model_dump()})") from None
+        raise
+    model.load_state_dict(state, strict=False)

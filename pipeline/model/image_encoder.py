@@ -1,0 +1,168 @@
+"""Frozen CLIP ViT with deep visual prompts and projected taps of intermediate blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import LayerNorm, VisionTransformer
+from torch import nn
+
+from pipeline.model.prompts import DeepVisualPrompts
+
+
+@dataclass
+class VisualFeatures:
+    """What the encoder hands the head."""
+
+    blocks: dict[int, torch.Tensor]
+    """1-based block -> L2-normalised patch features [B, h*w, embed_dim] (the last block via ln_post/proj)"""
+    global_embedding: torch.Tensor
+    """L2-normalised CLS embedding g [B, embed_dim]"""
+    grid: tuple[int, int]
+    """token grid (h, w) of the patch features"""
+
+
+def resize_position_embedding(pos: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize the patch part of a [1 + h*w, width] position embedding from grid src to dst."""
+    if tuple(src) == tuple(dst):
+        return pos
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    width = pos.shape[-1]
+    patch_pos = patch_pos.reshape(1, src[0], src[1], width).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, size=dst, mode="bilinear", align_corners=False)
+    patch_pos = patch_pos.reshape(width, dst[0] * dst[1]).transpose(0, 1)
+    return torch.cat([cls_pos, patch_pos], dim=0)
+
+
+class PromptedVisionEncoder(nn.Module):
+    """CLIP's ViT (weights taken from an open_clip `VisionTransformer`) with deep prompts and taps.
+
+    Token layout inside the blocks: [CLS, P prompt tokens, h*w patch tokens]. Attention runs in
+    open_clip's residual blocks (nn.MultiheadAttention, which dispatches to torch's fused
+    scaled_dot_product_attention). A tapped block's hidden state passes the prompt norm, its own
+    LayerNorm and a width->embed_dim projection without bias; the final state passes the prompt
+    norm, CLIP's ln_post and proj. Patch tokens and the CLS embedding come out L2-normalised.
+    """
+
+    def __init__(
+        self,
+        *,
+        visual: VisionTransformer,
+        grid: tuple[int, int] | None = None,
+        prompts: DeepVisualPrompts | None = None,
+        tap_blocks: Sequence[int] = (),
+        tap_init: Literal["random", "clip"] = "random",
+        release_double_cls: bool = False,
+    ) -> None:
+        """
+        Args:
+            visual: open_clip ViT whose conv1 [width, 3, p, p], class_embedding [width],
+                positional_embedding [1 + g*g, width], ln_pre, transformer blocks, ln_post and
+                proj [width, embed_dim] are taken over (modules shared, not copied).
+            grid: token grid (h, w) to resize the position embedding to now; None keeps CLIP's.
+            prompts: deep visual prompts (one set per block) or None for no prompt tuning.
+            tap_blocks: 1-based blocks (before the last) whose patch features are returned.
+            tap_init: "random" (projection width^-0.5 * randn, as the release) or "clip"
+                (every tap copies ln_post and proj).
+            release_double_cls: add the class embedding to the CLS token twice, as the release.
+        """
+        super().__init__()
+        if not isinstance(visual, VisionTransformer) or getattr(visual, "attn_pool", None) is not None:
+            raise ValueError("the visual tower must be an open_clip VisionTransformer without attentional pooling")
+        if tap_init not in ("random", "clip"):
+            raise ValueError(f"tap_init must be 'random' or 'clip', got {tap_init!r}")
+        depth = len(visual.transformer.resblocks)
+        bad = [b for b in tap_blocks if not 1 <= b < depth]
+        if bad:
+            raise ValueError(f"tap blocks {bad} are outside 1..{depth - 1} (the last block is always returned)")
+        width, embed_dim = visual.proj.shape
+        self.depth = depth
+        self.width = width
+        self.embed_dim = embed_dim
+        self.release_double_cls = release_double_cls
+        # CLIP's weights
+        self.conv1 = visual.conv1
+        self.class_embedding = visual.class_embedding
+        clip_grid = tuple(visual.grid_size)
+        self.grid = tuple(grid) if grid is not None else clip_grid
+        self.positional_embedding = nn.Parameter(
+            resize_position_embedding(visual.positional_embedding.detach(), clip_grid, self.grid).clone()
+        )
+        self.ln_pre = visual.ln_pre
+        self.transformer = visual.transformer
+        self.ln_post = visual.ln_post
+        self.proj = visual.proj
+        # prompts and taps
+        if prompts is not None and prompts.embeddings.shape[0] != depth:
+            raise ValueError(f"prompts have {prompts.embeddings.shape[0]} sets but the encoder has {depth} blocks")
+        self.prompts = prompts
+        self.tap_blocks = tuple(tap_blocks)
+        self.tap_norms = nn.ModuleList(LayerNorm(width) for _ in self.tap_blocks)
+        self.tap_proj = (
+            nn.Parameter(width**-0.5 * torch.randn(len(self.tap_blocks), width, embed_dim)) if self.tap_blocks else None
+        )
+        if tap_init == "clip" and self.tap_blocks:
+            with torch.no_grad():
+                for norm in self.tap_norms:
+                    norm.load_state_dict(self.ln_post.state_dict())
+                self.tap_proj.copy_(self.proj.detach().expand_as(self.tap_proj))
+
+    # ---------------------------------------------------------------------------------------
+    # parameter membership (freezing and optimiser groups use these, never names)
+    # ---------------------------------------------------------------------------------------
+    def clip_parameters(self) -> list[nn.Parameter]:
+        """Every parameter taken over from CLIP."""
+        modules = (self.conv1, self.ln_pre, self.transformer, self.ln_post)
+        return [self.class_embedding, self.positional_embedding, self.proj] + [p for m in modules for p in m.parameters()]
+
+    def tap_parameters(self) -> list[nn.Parameter]:
+        """The tap LayerNorms and projections."""
+        return [*self.tap_norms.parameters(), *([self.tap_proj] if self.tap_proj is not None else [])]
+
+    # ---------------------------------------------------------------------------------------
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embedding [1 + h*w, width] for a token grid, resized at run time if needed."""
+        return resize_position_embedding(self.positional_embedding, self.grid, grid)
+
+    def forward(self, images: torch.Tensor) -> VisualFeatures:
+        """
+        Args:
+            images: normalised images [B, 3, H, W].
+        Returns:
+            VisualFeatures with taps and the last block at grid (H // patch, W // patch).
+        """
+        # patch tokens, class token and position embedding
+        x = self.conv1(images)
+        batch, _, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        pos = self.position_embedding((h, w)).to(x.dtype)
+        cls = self.class_embedding.to(x.dtype) + pos[0]
+        if self.release_double_cls:
+            cls = cls + self.class_embedding.to(x.dtype)
+        x = torch.cat([cls.expand(batch, 1, -1), x + pos[1:]], dim=1)
+        x = self.ln_pre(x)
+
+        # blocks, each with a fresh prompt set; taps after the prompt norm
+        taps: dict[int, torch.Tensor] = {}
+        num_prompts = 0
+        for index, block in enumerate(self.transformer.resblocks):
+            if self.prompts is not None:
+                x = torch.cat([x[:, :1], self.prompts(index, batch), x[:, 1 + num_prompts :]], dim=1)
+                num_prompts = self.prompts.num_tokens
+            x = block(x)
+            if index + 1 in self.tap_blocks:
+                tap = self.tap_blocks.index(index + 1)
+                patches = self._prompt_norm(x[:, -h * w :])
+                taps[index + 1] = F.normalize(self.tap_norms[tap](patches) @ self.tap_proj[tap], dim=-1)
+
+        # last block: prompt norm, ln_post, CLIP's projection
+        x = self.ln_post(self._prompt_norm(torch.cat([x[:, :1], x[:, -h * w :]], dim=1))) @ self.proj
+        taps[self.depth] = F.normalize(x[:, 1:], dim=-1)
+        return VisualFeatures(blocks=taps, global_embedding=F.normalize(x[:, 0], dim=-1), grid=(h, w))
+
+    def _prompt_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prompts.norm(x) if self.prompts is not None else x

@@ -1,0 +1,161 @@
+"""Model tools behind the CLI: size and FLOPs, an inference benchmark, release-checkpoint import.
+
+Each returns a JSON-ready dict.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.model.aggregation import WeightedSum, nga_initial_weights
+from pipeline.model.build import build_model
+from pipeline.model.cascade import CascadeCLIP
+from pipeline.model.presets import preset as preset_row
+from pipeline.model.presets import preset_arch, preset_model_config
+from pipeline.model.release import import_release_checkpoint
+
+__all__ = ["model_info", "bench_inference", "import_release_checkpoint", "count_flops"]
+
+
+def _build_preset(name: str, variant: str, device: str | torch.device = "cpu") -> CascadeCLIP:
+    with torch.device(device):
+        return build_model(preset_model_config(name, variant), preset_arch(name))
+
+
+def count_flops(model: CascadeCLIP, image_size: int, num_classes: int) -> int:
+    """FLOPs of one forward pass on one image (works on the meta device); multiply-adds = FLOPs / 2."""
+    device = model.encoder.positional_embedding.device
+    images = torch.zeros(1, 3, image_size, image_size, device=device)
+    classes = torch.zeros(num_classes, model.encoder.embed_dim, device=device)
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(images, classes)
+    model.train(was_training)
+    return counter.get_total_flops()
+
+
+def model_info(preset: str, variant: str = "cascade", image_size: int = 512) -> dict:
+    """Parameters, multiply-adds and FLOPs of one image, stage split and NGA initial weights.
+
+    The model is built on the meta device, so this is fast at paper size.
+    """
+    row = preset_row(preset)
+    model = _build_preset(preset, variant, "meta")
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parts = {
+        "image_encoder_clip": sum(p.numel() for p in model.encoder.clip_parameters()),
+        "prompts": sum(p.numel() for p in model.encoder.prompts.parameters()) if model.encoder.prompts is not None else 0,
+        "taps": sum(p.numel() for p in model.encoder.tap_parameters()),
+        "head": sum(p.numel() for p in model.head.parameters()),
+        "text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
+    }
+    flops = count_flops(model, image_size, row["num_classes"])
+    return {
+        "preset": preset,
+        "variant": variant,
+        "image_size": image_size,
+        "num_classes": row["num_classes"],
+        "prompt_tokens": model.model_cfg.prompt_tokens,
+        "params_total": total,
+        "params_trainable": trainable,
+        "params_by_part": parts,
+        "flops": flops,
+        "macs": flops // 2,
+        "gmacs": round(flops / 2e9, 2),
+        "stages": [list(s) for s in model.stages],
+        "aggregators": [type(agg).__name__ for agg in model.head.aggregators],
+        "nga_initial_weights": initial_nga_weights(model),
+    }
+
+
+def initial_nga_weights(model: CascadeCLIP) -> list[list[float] | None]:
+    """Per stage, the NGA initial weights (None for stages without NGA weights)."""
+    cfg = model.model_cfg
+    out = []
+    for agg, (start, end) in zip(model.head.aggregators, model.stages):
+        if isinstance(agg, WeightedSum) and cfg.aggregator == "nga":
+            out.append([round(w, 4) for w in nga_initial_weights(end - start + 1, cfg.nga_sigma).tolist()])
+        else:
+            out.append(None)
+    return out
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def bench_inference(
+    preset: str,
+    variants: Sequence[str] = ("cascade", "zegclip"),
+    dtype: Literal["fp32", "bf16"] = "fp32",
+    image_size: int = 512,
+    runs: int = 5,
+    warmup: int = 2,
+    batch_size: int = 1,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> dict:
+    """Median forward latency of randomly initialised preset models, measured in one process.
+
+    Peak RSS is the process's high-water mark after each variant (it only grows). `threads` sets
+    torch's CPU threads for the run (None keeps the current setting).
+    """
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _bench(preset, variants, dtype, image_size, runs, warmup, batch_size, device)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _bench(preset, variants, dtype, image_size, runs, warmup, batch_size, device) -> dict:
+    row = preset_row(preset)
+    results: dict[str, dict] = {}
+    for variant in variants:
+        model = _build_preset(preset, variant, "cpu").to(device).eval()
+        images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+        classes = torch.nn.functional.normalize(torch.randn(row["num_classes"], model.encoder.embed_dim, device=device), dim=-1)
+        autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+        times = []
+        with torch.inference_mode(), autocast:
+            for i in range(warmup + runs):
+                if torch.device(device).type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(images, classes)
+                if torch.device(device).type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+        latency = statistics.median(times)
+        results[variant] = {
+            "median_latency_s": round(latency, 4),
+            "images_per_s": round(batch_size / latency, 3),
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "runs": runs,
+        }
+        del model
+    out = {
+        "preset": preset,
+        "dtype": dtype,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "variants": results,
+    }
+    if "cascade" in results and "zegclip" in results:
+        out["cascade_over_zegclip_latency"] = round(
+            results["cascade"]["median_latency_s"] / results["zegclip"]["median_latency_s"], 3
+        )
+    return out

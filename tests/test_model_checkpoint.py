@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pipeline.model import StateDictError, load, load_trainable, save, save_trainable
+from tests.test_model_common import class_embeddings, images, single_thread, tiny_model  # noqa: F401
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    model = tiny_model(seed=5, aggregator="concat", release_double_cls=True, image_size=40).eval()
+    with torch.no_grad():
+        model.encoder.prompts.embeddings.normal_()  # not the init values
+    path = save(model, tmp_path / "model.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["model_config"])["aggregator"] == "concat"
+    assert json.loads(meta["arch"]) == model.arch
+    restored = load(path).eval()
+    assert restored.model_cfg == model.model_cfg
+    x, t = images(2, 40), class_embeddings(4)
+    with torch.no_grad():
+        assert torch.equal(model(x, t).logits, restored(x, t).logits)
+
+
+def test_load_rejects_wrong_keys_and_shapes_naming_the_file(tmp_path):
+    path = save(tiny_model(), tmp_path / "model.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(path))
+    state["head.text_projs.0.weight"] = torch.zeros(2, 2)
+    state["head.bogus"] = torch.zeros(1)
+    del state["encoder.prompts.norm.bias"]
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad), metadata=meta)
+    with pytest.raises(StateDictError) as info:
+        load(bad)
+    message = str(info.value)
+    assert str(bad) in message
+    assert "head.text_projs.0.weight: checkpoint [2, 2] vs model [32, 64]" in message
+    assert "head.bogus" in message and "encoder.prompts.norm.bias" in message
+
+
+def test_load_rejects_files_of_another_format(tmp_path):
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a Cascade-CLIP model file"):
+        load(tmp_path / "other.safetensors")
+
+
+def test_trainable_round_trip_holds_only_trainable_tensors(tmp_path):
+    model = tiny_model(seed=1)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(1.0)
+    path = save_trainable(model, tmp_path / "trainable.safetensors")
+    keys = set(load_file(str(path)))
+    assert keys == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(k.startswith("text_encoder.") or k.startswith("encoder.transformer.") for k in keys)
+    other = tiny_model(seed=2)
+    load_trainable(other, path)
+    for (name, a), b in zip(model.named_parameters(), other.parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b), name
+
+
+def test_load_trainable_rejects_a_different_model(tmp_path):
+    path = save_trainable(tiny_model(prompt_tokens=3), tmp_path / "t.safetensors")
+    with pytest.raises(StateDictError, match="encoder.prompts.embeddings"):
+        load_trainable(tiny_model(prompt_tokens=4), path)

@@ -1,0 +1,21 @@
+import json
+
+from pipeline.cli import main
+from tests.test_model_common import single_thread  # noqa: F401
+
+
+def test_model_info_command_prints_json(capsys):
+    assert main(["model-info", "--preset", "demo", "--image-size", "96", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["preset"] == "demo" and info["params_trainable"] > 0
+
+
+def test_import_release_command_reports_a_missing_file(tmp_path, capsys):
+    assert main(["import-checkpoint", str(tmp_path / "none.pth"), str(tmp_path / "out.safetensors"), "--preset", "coco"]) == 2
+    assert "release checkpoint not found" in capsys.readouterr().err
+
+
+def test_model_info_table_lists_the_trainable_count(capsys):
+    assert main(["model-info", "--preset", "coco"]) == 0
+    out = capsys.readouterr().out
+    assert "23,117,574" in out

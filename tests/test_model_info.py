@@ -1,0 +1,38 @@
+import pytest
+
+from pipeline.model.tools import bench_inference, model_info
+from tests.test_model_common import single_thread  # noqa: F401
+
+
+def test_paper_size_coco_model_info():
+    info = model_info("coco", "cascade", image_size=512)
+    # prompts 460,800 + prompt_proj 590,592 + prompt_norm 1,536 + NGA 6 + text projections 1,574,400
+    # + 3 decoders x (2 x 3,152,384 + 525,312)
+    assert info["params_trainable"] == 23_117_574
+    assert info["params_total"] == pytest.approx(175.74e6, rel=1e-4)
+    assert info["gmacs"] == pytest.approx(125.0, rel=0.03)
+    assert info["macs"] * 2 == info["flops"]
+    assert info["stages"] == [[6, 8], [9, 11], [12, 12]]
+    assert info["nga_initial_weights"] == [[0.1353, 0.6065, 1.0], [0.1353, 0.6065, 1.0], None]
+
+
+def test_zegclip_model_info_has_one_stage_and_fewer_parameters():
+    info = model_info("coco", "zegclip", image_size=512)
+    assert info["stages"] == [[12, 12]]
+    assert info["nga_initial_weights"] == [None]
+    # ZegCLIP with P = 100 has 8,868,608 trainable parameters; P = 50 has 12 x 50 x 768 fewer
+    assert info["params_trainable"] == 8_868_608 - 12 * 50 * 768
+
+
+def test_demo_model_info_is_small():
+    info = model_info("demo", "cascade", image_size=96)
+    assert info["num_classes"] == 16 and info["prompt_tokens"] == 10
+    assert info["params_trainable"] < info["params_total"] < 10e6
+
+
+@pytest.mark.slow
+def test_bench_inference_reports_both_variants_and_their_ratio():
+    result = bench_inference("demo", image_size=96, runs=2, warmup=1, threads=1)
+    assert set(result["variants"]) == {"cascade", "zegclip"}
+    assert result["cascade_over_zegclip_latency"] > 0
+    assert all(v["median_latency_s"] > 0 and v["peak_rss_mb"] > 0 for v in result["variants"].values())

@@ -1,0 +1,48 @@
+import torch
+
+from pipeline.model.image_encoder import resize_position_embedding
+from tests.test_model_common import class_embeddings, images, single_thread, tiny_model  # noqa: F401
+
+
+def test_position_embedding_is_resized_to_the_configured_grid_at_build():
+    model = tiny_model(image_size=48)  # CLIP grid 4x4 -> 6x6
+    assert model.encoder.grid == (6, 6)
+    assert model.encoder.positional_embedding.shape == (1 + 36, 32)
+    assert tiny_model().encoder.positional_embedding.shape == (1 + 16, 32)
+
+
+def test_run_time_resize_equals_build_time_resize():
+    # a model resized at build to 6x6 and one resized at run time from 4x4 give the same outputs
+    at_build = tiny_model(seed=0, image_size=48).eval()
+    at_run = tiny_model(seed=0).eval()
+    x, t = images(1, 48), class_embeddings(3)
+    with torch.no_grad():
+        assert torch.allclose(at_build(x, t).logits, at_run(x, t).logits, atol=1e-5)
+
+
+def test_other_grid_at_run_time():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        out = model(images(1, 56), class_embeddings(3))
+    assert out.logits.shape == (1, 3, 56, 56)
+    assert out.layer_logits[-1][-1].shape == (1, 3, 7, 7)
+
+
+def test_resize_keeps_the_class_position_and_is_identity_on_the_same_grid():
+    pos = torch.randn(1 + 16, 8)
+    assert resize_position_embedding(pos, (4, 4), (4, 4)) is pos
+    big = resize_position_embedding(pos, (4, 4), (8, 6))
+    assert big.shape == (1 + 48, 8)
+    assert torch.equal(big[0], pos[0])
+    # a constant patch embedding stays constant under bilinear resizing
+    const = torch.cat([pos[:1], torch.ones(16, 8)])
+    assert torch.allclose(resize_position_embedding(const, (4, 4), (7, 3))[1:], torch.ones(21, 8))
+
+
+def test_release_double_cls_changes_only_the_cls_path():
+    single = tiny_model(seed=0).eval()
+    double = tiny_model(seed=0, release_double_cls=True).eval()
+    x = images(1, 32)
+    with torch.no_grad():
+        f1, f2 = single.encoder(x), double.encoder(x)
+    assert not torch.allclose(f1.global_embedding, f2.global_embedding)
