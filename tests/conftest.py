@@ -1,4 +1,6 @@
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see pipeline/__init__.py)
 import shutil
 import subprocess
 import sys

@@ -34,7 +34,7 @@ from pipeline.model.state import check_state_dict
 
 log = logging.getLogger(__name__)
 
-LabelFn = Callable[[CascadeCLIP, torch.Tensor, torch.Tensor], torch.Tensor]
+LabelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits [B, C, H, W], labels) -> labels
 
 
 class SampleStream(torch.utils.data.Dataset):
@@ -184,7 +184,7 @@ def train(
     """Train `model`'s trainable parameters on `dataset` for `schedule.iterations` steps.
 
     class_embeddings [C, D] are the training class set (labels index into it). `label_fn`
-    rewrites each batch's labels from the model before the loss (online self-training).
+    rewrites each batch's labels from that step's logits before the loss (online self-training).
     Resumes from `checkpoint` when it matches `params_hash`; returns the loss curve.
     """
     rank, world = distributed()
@@ -231,13 +231,13 @@ def train(
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             images, labels = batch["image"].to(device), batch["label"].to(device)
-            if label_fn is not None:
-                labels = label_fn(model, images, labels)
-            num_masks = _global_mask_count(labels, class_embeddings.shape[0], world, device)
             sync = wrapped.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
             with sync:
                 with autocast(device, cfg.amp):
                     output = wrapped(images, class_embeddings)
+                if label_fn is not None:
+                    labels = label_fn(output.logits, labels)
+                num_masks = _global_mask_count(labels, class_embeddings.shape[0], world, device)
                 losses = segmentation_loss(output, labels, loss_cfg, num_masks=num_masks)
                 loss = losses.total / cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
