@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -18,6 +19,14 @@ def _cmd_params(args: argparse.Namespace) -> int:
         return 0
     if args.defaults:
         sys.stdout.write(render_params_yaml())
+        return 0
+    if args.apply_preset:
+        from pipeline.io import atomic_file
+
+        merged = load_params(args.file, preset=args.apply_preset)
+        with atomic_file(args.file, "w") as handle:
+            handle.write(render_params_yaml(merged))
+        print(f"{args.file}: preset {args.apply_preset} applied (commit it, then `dvc repro`)")
         return 0
     rows = describe_fields()
     width = max(len(key) for key, _, _ in rows)
@@ -81,6 +90,82 @@ def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_MODELS = ("artifacts/self_train/model.safetensors", "artifacts/train/model.safetensors")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from pipeline.config import load_params
+    from pipeline.data.catalog import palette
+    from pipeline.predict import Segmenter, find_images, parse_classes
+    from pipeline.viz import close, legend_figure
+
+    classes = parse_classes(args.classes)
+    images = find_images(args.inputs)
+    model_path = args.model or next((Path(m) for m in DEFAULT_MODELS if Path(m).is_file()), Path(DEFAULT_MODELS[-1]))
+    inference = load_params(args.params).evaluate if args.params.is_file() else None
+    if inference is not None:
+        inference = inference.model_copy(update={k: v for k, v in {"mode": args.mode, "crop_size": args.crop,
+                                                                     "stride": args.stride, "short_side": args.short_side}.items() if v})
+    segmenter = Segmenter.from_file(model_path, device=args.device, templates=args.templates, inference=inference)
+    colours = palette(len(classes))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in tqdm(images, desc="segmenting", unit="img", disable=len(images) < 2):
+        result = segmenter(path, classes, threshold=args.threshold)
+        stem = args.out / path.stem
+        Image.fromarray(result.label.astype(np.uint8)).save(f"{stem}_label.png")
+        figure = legend_figure(np.asarray(Image.open(path).convert("RGB")), result.label, classes, colours)
+        figure.savefig(f"{stem}_overlay.png", dpi=110, bbox_inches="tight")
+        close(figure)
+        if args.scores:
+            np.save(f"{stem}_scores.npy", result.scores.astype(np.float16))
+        present = ", ".join(f"{classes[i]} {np.mean(result.label == i) * 100:.0f}%" for i in np.unique(result.label) if i < len(classes))
+        tqdm.write(f"{path}: {present}")
+    print(f"wrote {len(images)} label maps and overlays to {args.out} (model {model_path})")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.compare import compare, evaluation_runs, register_best
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import tracking_uri
+
+    client = MlflowClient(args.tracking_uri or tracking_uri(TrackingConfig()))
+    runs = evaluation_runs(client, args.experiment or [TrackingConfig().experiment])
+    table = compare(runs)
+    print(table.to_text(), end="")
+    if args.csv:
+        args.csv.write_text(table.to_csv())
+    if args.markdown:
+        args.markdown.write_text(table.to_markdown())
+    if args.register:
+        best, version = register_best(client, runs, name=args.register, alias=args.alias)
+        print(f"registered run {best.info.run_id} (hIoU {best.data.metrics.get('hIoU', float('nan')):.2f}) "
+              f"as {args.register} version {version.version}, alias '{args.alias}'")
+    return 0
+
+
+def _cmd_queue(args: argparse.Namespace) -> int:
+    from pipeline.experiments import ablation_tables, queue, table_experiments
+
+    if args.table is None:
+        for name, spec in ablation_tables().items():
+            print(f"{name:<8} {len(spec['rows'])} runs  base={spec.get('base')}  {spec['description']}")
+        return 0
+    experiments = table_experiments(args.table, base=args.base)
+    for experiment in experiments:
+        print(shlex.join(["dvc", "exp", "run", "--queue", "--name", experiment.name, *experiment.set_args()]))
+    if not args.dry_run:
+        queue(experiments)
+        print(f"queued {len(experiments)} experiments; run them with `dvc queue start` (then `cascade-clip compare`)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade-clip", description="Cascade-CLIP zero-shot segmentation tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="list every parameter with its meaning, or check a params file")
     p.add_argument("--check", type=Path, metavar="FILE", help="validate FILE and report every problem")
     p.add_argument("--defaults", action="store_true", help="print a params.yaml with the defaults and comments")
+    p.add_argument("--apply-preset", metavar="NAME", help="merge presets/NAME.yaml into --file (rewritten with comments)")
+    p.add_argument("--file", type=Path, default=Path("params.yaml"), help="params file for --apply-preset")
     p.set_defaults(func=_cmd_params)
 
     presets = ["voc12", "coco", "context59", "demo"]
@@ -120,6 +207,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=[x for x in presets if x != "demo"], required=True, help="model configuration of the checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="unpickle arbitrary objects (trusted files only; prints a warning)")
     p.set_defaults(func=_cmd_import_checkpoint)
+
+    p = sub.add_parser("compare", help="table of mIoU^S / mIoU^U / hIoU of evaluation runs in MLflow, best model registered")
+    p.add_argument("--experiment", action="append", help="MLflow experiment (repeatable; default: cascade-clip)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--csv", type=Path, help="also write the table as CSV")
+    p.add_argument("--markdown", type=Path, help="also write the table as Markdown")
+    p.add_argument("--register", metavar="NAME", default=None, help="register the best run's model under NAME in the model registry")
+    p.add_argument("--alias", default="best", help="alias given to the registered version")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("queue", help="queue a paper ablation table as DVC experiments (list the tables without TABLE)")
+    p.add_argument("table", nargs="?", help="table name from presets/ablations.yaml, e.g. table8")
+    p.add_argument("--base", default="table", help="base preset: the table's own (default), a preset name, or none (params.yaml as is)")
+    p.add_argument("--dry-run", action="store_true", help="print the dvc commands without queueing")
+    p.set_defaults(func=_cmd_queue)
+
+    p = sub.add_parser("predict", help="segment images with any class names (open vocabulary)")
+    p.add_argument("inputs", nargs="+", help="image files or folders of images")
+    p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,dog,grass"')
+    p.add_argument("--model", type=Path, default=None, help=f"model file (default: the first of {', '.join(DEFAULT_MODELS)} that exists)")
+    p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
+    p.add_argument("--templates", default=None, help="template set (single, paper15); default: the model's own")
+    p.add_argument("--threshold", type=float, default=0.0, help="pixels whose best score is below this stay unlabelled (255)")
+    p.add_argument("--scores", action="store_true", help="also write per-class score maps (<name>_scores.npy, float16 [C, H, W])")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="inference settings from this params file's evaluate section")
+    p.add_argument("--mode", choices=["slide", "whole"], default=None, help="override evaluate.mode")
+    p.add_argument("--crop", type=int, default=None, help="override evaluate.crop_size (sliding window)")
+    p.add_argument("--stride", type=int, default=None, help="override evaluate.stride")
+    p.add_argument("--short-side", type=int, default=None, help="override evaluate.short_side (test scale)")
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 

@@ -70,6 +70,18 @@ class DatasetConfig(Section):
     """folder with archives or extracted files you already have (real datasets only)"""
     cache_dir: Path = Path("data/cache")
     """where downloads are kept between runs"""
+    download: bool = True
+    """fetch source files missing from source_dir and cache_dir from their official URLs (false = fail listing them)"""
+    download_retries: int = Field(5, ge=0)
+    """tries after a transient network error, per file (the budget renews while bytes keep arriving)"""
+    download_backoff: float = Field(2.0, ge=0)
+    """seconds before the first retry of a download; doubles after each failed try (at most 300)"""
+    download_timeout: float = Field(60.0, gt=0)
+    """seconds a download connection may stay silent before the try counts as failed"""
+    verify_checksums: bool = True
+    """check source archives' sizes and checksums against the catalog before use"""
+    workers: int = Field(2, ge=1)
+    """processes converting a real dataset's images and labels in parallel"""
     demo: DemoConfig = DemoConfig()
     """size and drawing settings of the synthetic demo world"""
 
@@ -190,8 +202,8 @@ class ModelConfig(Section):
     """named builder: cascade (the paper), zegclip (one stage {12}), fusion (taps fused, one decoder), frozen (no prompts)"""
     stages: list[tuple[int, int]] = [(6, 8), (9, 11), (12, 12)]
     """cascade stages as inclusive 1-based block ranges, contiguous and inside the encoder depth"""
-    aggregator: Literal["nga", "sum", "trainable_sum", "concat", "attention"] = "nga"
-    """how a stage merges its blocks' features (Table 8)"""
+    aggregator: Literal["nga", "nga_fixed", "sum", "trainable_sum", "concat", "attention"] = "nga"
+    """how a stage merges its blocks' features (Table 8): nga = trainable NGA (the paper's), nga_fixed = Gaussian weights kept fixed"""
     nga_sigma: float = Field(1.0, gt=0)
     """sigma of the Neighborhood Gaussian Aggregation initial weights"""
     prompt_tokens: int = Field(10, ge=0)
@@ -321,6 +333,8 @@ class SelfTrainConfig(Section):
     """self-training steps (VOC 10k, Context 20k, COCO 40k in the paper)"""
     mode: Literal["offline", "online"] = "offline"
     """offline: stored pseudo-labels (pipeline default); online: recomputed each step, as the release"""
+    init: Literal["half", "final"] = "half"
+    """inductive checkpoint self-training starts from: half the schedule (the release) or final"""
     warmup_iters: int = Field(50, ge=0)
     """linear warm-up iterations of the self-training schedule"""
 

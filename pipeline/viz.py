@@ -55,6 +55,18 @@ def overlay_grid(samples: list[dict], names: list[str], palette: list[list[int]]
     return fig
 
 
+def legend_figure(image: np.ndarray, label: np.ndarray, names: list[str], palette: list[list[int]]):
+    """A prediction overlay with a legend of the classes it contains and their pixel shares."""
+    fig, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / max(image.shape[1], 1)))
+    ax.imshow(overlay(image, label, palette))
+    ax.axis("off")
+    present = [int(i) for i in np.unique(label) if i != IGNORE_INDEX]
+    shares = [f"{names[i]} ({np.mean(label == i) * 100:.0f}%)" for i in range(len(names))]
+    _legend(ax, shares, palette, set(present))
+    fig.tight_layout()
+    return fig
+
+
 def iou_bars(names: list[str], iou: np.ndarray, unseen: set[int], title: str = "IoU per class"):
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 3.6))
     values = np.nan_to_num(iou * 100, nan=0.0)

@@ -25,6 +25,9 @@ from pipeline.tracking import mlflow_run, project_root
 
 log = logging.getLogger("cascade_clip.stages")
 
+# no telemetry from Prefect's temporary server (there is no internet to send it to)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 
 @dataclass
 class StageContext:
@@ -55,6 +58,12 @@ class StageContext:
         self.metrics.update(clean)
         if self.run is not None:
             mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        if self.run is not None:
+            mlflow.set_tags(tags)
 
     def log_dict(self, data: dict, name: str) -> None:
         import mlflow

@@ -26,10 +26,10 @@ def test_failure_midway_leaves_previous_output_and_no_debris(tmp_path):
 
 def test_failure_with_no_previous_output_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(tmp_path / "out") as tmp:
+        with atomic_dir(tmp_path / "artifacts" / "deep" / "out") as tmp:
             (tmp / "x").write_text("x")
             raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # not even the parent folders it created
 
 
 def test_stale_leftovers_of_a_killed_run_are_swept(tmp_path):

@@ -21,11 +21,18 @@ def test_dvc_repro_runs_then_does_nothing(tmp_path):
     env = venv_env({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
 
     first = dvc(["repro"], repo, env)
-    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in ("prepare_data", "backbone", "embed_text", "train", "pseudo_label", "self_train", "evaluate"):
+        assert f"Running stage '{stage}'" in first.stdout
     assert (repo / "data/prepared/manifest.parquet").exists()
     assert (repo / "dvc.lock").exists()
-    metrics = json.loads((repo / "data/prepare_metrics.json").read_text())
-    assert metrics["images_train"] == 16
+    assert json.loads((repo / "data/prepare_metrics.json").read_text())["images_train"] == 16
+    metrics = json.loads((repo / "artifacts/metrics.json").read_text())
+    for setting in ("inductive", "self_train", "control_no_transfer"):
+        assert {"mIoU_seen", "mIoU_unseen", "hIoU"} <= set(metrics[setting])
+    assert (repo / "artifacts/eval/inductive_overlays.png").exists()
+    assert (repo / "artifacts/train/model_half.safetensors").exists()
+    assert not (repo / "artifacts/checkpoints/train").exists()  # removed once the stage succeeded
 
     second = dvc(["repro"], repo, env)
     assert second.returncode == 0, second.stderr
@@ -33,4 +40,15 @@ def test_dvc_repro_runs_then_does_nothing(tmp_path):
     assert "Running stage" not in second.stdout
 
     shown = dvc(["metrics", "show", "--json"], repo, env)
-    assert shown.returncode == 0 and "images_train" in shown.stdout
+    assert shown.returncode == 0 and "images_train" in shown.stdout and "hIoU" in shown.stdout
+    plots = dvc(["plots", "show", "--json"], repo, env)
+    assert plots.returncode == 0 and "train_curve.csv" in plots.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("cascade-clip").experiment_id])
+    assert {r.data.tags["cascade.stage"] for r in runs} >= {"prepare_data", "train", "evaluate"}
+    assert len({r.data.tags["cascade.pipeline_group"] for r in runs}) == 1
+    [evaluation] = [r for r in runs if r.data.tags["cascade.stage"] == "evaluate"]
+    assert "hIoU" in evaluation.data.metrics and "train.iterations" in evaluation.data.params

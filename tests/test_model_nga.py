@@ -38,3 +38,13 @@ def test_plain_and_trainable_sum():
     trainable = build_aggregator("trainable_sum", num_blocks=2, dim=4)
     assert torch.equal(trainable.weights, torch.ones(2)) and trainable.weights.requires_grad
     assert not list(build_aggregator("sum", num_blocks=2, dim=4).parameters())
+
+
+def test_fixed_nga_keeps_its_gaussian_weights_out_of_training():
+    from pipeline.model.aggregation import build_aggregator
+
+    fixed = build_aggregator("nga_fixed", num_blocks=3, dim=8, sigma=1.0)
+    assert list(fixed.parameters()) == [] and fixed.no_decay_parameters() == []
+    assert torch.allclose(fixed.weights, torch.tensor([0.1353, 0.6065, 1.0]), atol=1e-4)
+    trainable = build_aggregator("nga", num_blocks=3, dim=8, sigma=1.0)
+    assert [p.shape for p in trainable.parameters()] == [torch.Size([3])]

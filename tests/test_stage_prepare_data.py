@@ -76,11 +76,11 @@ def test_invalid_params_stop_before_any_work(project, mlflow_uri, capsys):
     assert not (project / "mlflow.db").exists()
 
 
-def test_real_dataset_without_downloader_fails_with_a_clear_message(project, mlflow_uri, capsys):
-    (project / "voc.yaml").write_text("dataset:\n  name: voc12\n")
+def test_real_dataset_missing_offline_fails_with_a_clear_message(project, mlflow_uri, capsys):
+    (project / "voc.yaml").write_text("dataset:\n  name: voc12\n  download: false\n")
     assert run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, ["--params", "voc.yaml"]) == 1
     err = capsys.readouterr().err
-    assert "voc12" in err and "cannot be prepared yet" in err and "Traceback" not in err
+    assert "VOCtrainval_11-May-2012.tar" in err and "dataset.source_dir" in err and "Traceback" not in err
     assert not (project / "data/prepared").exists()
     [run] = runs(mlflow_uri)
     assert run.info.status == "FAILED"

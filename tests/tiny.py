@@ -6,6 +6,15 @@ from pipeline.config import deep_merge, render_params_yaml
 
 TINY_OVERRIDES = {
     "dataset": {"demo": {"n_train": 16, "n_val": 6, "image_size": 48, "workers": 1}},
+    "clip": {"toy": {"embed_dim": 32, "image_size": 32, "width": 32, "head_width": 16, "text_width": 32,
+                     "text_layers": 1, "steps": 4, "batch_size": 16, "warmup_steps": 1, "n_images": 64,
+                     "n_holdout": 16, "threads": 1}},
+    "model": {"prompt_tokens": 2, "decoder_heads": 4},
+    "train": {"iterations": 4, "batch_size": 2, "crop_size": 48, "scale": [96, 48], "warmup_iters": 1,
+              "checkpoint_every": 2, "log_every": 1, "num_workers": 0},
+    "self_train": {"iterations": 2, "warmup_iters": 1},
+    "pseudo": {"n_overlays": 2},
+    "evaluate": {"short_side": 48, "max_long_side": 96, "crop_size": 48, "stride": 32, "n_overlays": 2},
 }
 
 

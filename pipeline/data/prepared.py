@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -185,14 +186,52 @@ def summarise(rows: list[dict], pixels: np.ndarray, classes: ClassInfo) -> dict:
     }
 
 
-def prepare_dataset(cfg: DatasetConfig, seed: int, root: Path, *, progress: bool = True) -> dict:
-    """Prepare the configured dataset into `root`. Real datasets arrive with their downloaders."""
+SPLITS = ("train", "val")
+
+
+def prepare_dataset(
+    cfg: DatasetConfig,
+    seed: int,
+    root: Path,
+    *,
+    splits: tuple[str, ...] = SPLITS,
+    sources: dict[str, Path] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Prepare the catalog dataset `cfg.name` into `root` (an existing, empty folder); return summary counts.
+
+    Real datasets: the source files of `splits` are found in `cfg.source_dir` or the cache, or
+    downloaded (pipeline.data.download), unless `sources` (source name -> content folder, from
+    locate_sources) is given; then they are converted (pipeline.data.convert). E.g. the evaluate
+    stage prepares another dataset's val split with `splits=("val",)`. The demo world always draws
+    both splits. On an error, what this call wrote into `root` is removed.
+    """
     entry = get_dataset(cfg.name)
     entry.unseen(cfg.unseen_split)  # fail early on an unknown split name
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits}")
     if cfg.name == "demo":
         return prepare_demo(cfg, seed, root, progress=progress)
-    raise DatasetNotAvailable(
-        f"dataset {cfg.name!r} ({entry.description}) cannot be prepared yet: its downloader and converter "
-        "are not part of this build. Use dataset.name: demo for now, or place an already prepared copy "
-        "(images/, labels/, manifest.parquet, classes.json) under data/prepared yourself."
-    )
+    from pipeline.data.convert import CONVERTERS, converter
+    from pipeline.data.download import locate_sources
+
+    if not entry.available or cfg.name not in CONVERTERS:
+        raise DatasetNotAvailable(
+            f"dataset {cfg.name!r} ({entry.description}) cannot be prepared: it has no converter in this build. "
+            "Use a dataset marked available in pipeline/data/catalog.yaml."
+        )
+    roots = sources if sources is not None else locate_sources(entry, cfg, splits, progress=progress)
+    try:
+        return converter(cfg.name)(entry, cfg, roots, Path(root), tuple(splits), progress=progress)
+    except BaseException:
+        _remove_outputs(Path(root))
+        raise
+
+
+def _remove_outputs(root: Path) -> None:
+    """Delete the prepared-layout entries a failed conversion may have left in `root`."""
+    for name in ("images", "labels"):
+        shutil.rmtree(root / name, ignore_errors=True)
+    for name in ("manifest.parquet", "classes.json"):
+        (root / name).unlink(missing_ok=True)

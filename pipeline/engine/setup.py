@@ -61,3 +61,24 @@ def seen_mask(classes: ClassInfo) -> torch.Tensor:
 
 def eval_settings(cfg: EvaluateConfig) -> dict:
     return {"mode": cfg.mode, "crop": cfg.crop_size, "stride": cfg.stride}
+
+
+def model_card(classes: ClassInfo, normalize: Normalize, setting: str) -> dict:
+    """What a model file should carry for its users (saved as its `extra` metadata)."""
+    return {
+        "setting": setting,
+        "dataset": classes.dataset,
+        "classes": classes.names,
+        "seen_ids": classes.seen_ids,
+        "unseen_ids": classes.unseen_ids,
+        "templates": classes.templates,
+        "mean": list(normalize.mean),
+        "std": list(normalize.std),
+    }
+
+
+def card_normalizer(card: dict) -> Normalize:
+    """The pixel normalisation recorded in a model card (OpenAI CLIP's when absent)."""
+    if "mean" in card and "std" in card:
+        return Normalize(tuple(card["mean"]), tuple(card["std"]))
+    return Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)

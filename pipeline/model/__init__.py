@@ -5,7 +5,7 @@ Imports only torch, open_clip, timm, numpy, safetensors and pipeline.config.
 
 from pipeline.model.build import VARIANTS, build_model
 from pipeline.model.cascade import CascadeCLIP, SegOutput, calibrated_scores
-from pipeline.model.checkpoint import load, load_trainable, save, save_trainable
+from pipeline.model.checkpoint import load, load_trainable, model_extra, save, save_trainable
 from pipeline.model.clip import arch_config, create_clip, load_clip_state, make_tokenizer, read_clip_checkpoint
 from pipeline.model.loss import LossOutput, count_masks, segmentation_loss
 from pipeline.model.state import StateDictError
@@ -27,6 +27,7 @@ __all__ = [
     "load_clip_state",
     "load_trainable",
     "make_tokenizer",
+    "model_extra",
     "read_clip_checkpoint",
     "save",
     "save_trainable",

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-AggregatorKind = Literal["nga", "sum", "trainable_sum", "concat", "attention"]
+AggregatorKind = Literal["nga", "nga_fixed", "sum", "trainable_sum", "concat", "attention"]
 
 
 def nga_initial_weights(num_blocks: int, sigma: float) -> torch.Tensor:
@@ -32,21 +32,25 @@ class SingleBlock(nn.Module):
 
 
 class WeightedSum(nn.Module):
-    """sum_l w_l H_l with trainable weights: NGA (Gaussian init) or trainable sum (ones)."""
+    """sum_l w_l H_l: NGA (Gaussian init) or trainable sum (ones); fixed weights are a buffer."""
 
-    def __init__(self, *, initial_weights: torch.Tensor) -> None:
+    def __init__(self, *, initial_weights: torch.Tensor, trainable: bool = True) -> None:
         """
         Args:
             initial_weights: [d] starting weight of each block, shallow to deep.
+            trainable: learn the weights (the paper's NGA-dagger) or keep them fixed (Table 8's NGA).
         """
         super().__init__()
-        self.weights = nn.Parameter(initial_weights.clone().float())
+        if trainable:
+            self.weights = nn.Parameter(initial_weights.clone().float())
+        else:
+            self.register_buffer("weights", initial_weights.clone().float())
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         return sum(w * f for w, f in zip(self.weights, features))
 
     def no_decay_parameters(self) -> list[nn.Parameter]:
-        return [self.weights]
+        return [self.weights] if isinstance(self.weights, nn.Parameter) else []
 
 
 class PlainSum(nn.Module):
@@ -105,8 +109,8 @@ def build_aggregator(kind: AggregatorKind, *, num_blocks: int, dim: int, sigma: 
     """The aggregator of one stage of `num_blocks` blocks."""
     if num_blocks == 1:
         return SingleBlock()
-    if kind == "nga":
-        return WeightedSum(initial_weights=nga_initial_weights(num_blocks, sigma))
+    if kind in ("nga", "nga_fixed"):
+        return WeightedSum(initial_weights=nga_initial_weights(num_blocks, sigma), trainable=kind == "nga")
     if kind == "sum":
         return PlainSum()
     if kind == "trainable_sum":
@@ -115,4 +119,4 @@ def build_aggregator(kind: AggregatorKind, *, num_blocks: int, dim: int, sigma: 
         return ConcatLinear(num_blocks=num_blocks, dim=dim)
     if kind == "attention":
         return BlockSelfAttention(dim=dim, heads=math.gcd(heads, dim))
-    raise ValueError(f"unknown aggregator {kind!r}; valid: nga, sum, trainable_sum, concat, attention")
+    raise ValueError(f"unknown aggregator {kind!r}; valid: nga, nga_fixed, sum, trainable_sum, concat, attention")

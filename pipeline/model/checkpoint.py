@@ -23,25 +23,39 @@ FORMAT = "cascade-clip-model/1"  # metadata "format" of a full model file
 TRAINABLE_FORMAT = "cascade-clip-trainable/1"  # metadata "format" of a trainable-tensors file
 
 
-def _metadata(model_cfg: ModelConfig, arch: Mapping, fmt: str) -> dict[str, str]:
-    return {"format": fmt, "model_config": model_cfg.model_dump_json(), "arch": json.dumps(arch, sort_keys=True)}
+def _metadata(model_cfg: ModelConfig, arch: Mapping, fmt: str, extra: Mapping | None = None) -> dict[str, str]:
+    meta = {"format": fmt, "model_config": model_cfg.model_dump_json(), "arch": json.dumps(arch, sort_keys=True)}
+    if extra:
+        meta["extra"] = json.dumps(extra, sort_keys=True, default=str)
+    return meta
 
 
 def _tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def write_model_file(state: Mapping[str, torch.Tensor], model_cfg: ModelConfig, arch: Mapping, path: str | Path) -> Path:
+def write_model_file(
+    state: Mapping[str, torch.Tensor], model_cfg: ModelConfig, arch: Mapping, path: str | Path, extra: Mapping | None = None
+) -> Path:
     """Write a full model file from a state dict (used by `save` and the release importer)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(_tensors(state), str(path), metadata=_metadata(model_cfg, arch, FORMAT))
+    save_file(_tensors(state), str(path), metadata=_metadata(model_cfg, arch, FORMAT, extra))
     return path
 
 
-def save(model: CascadeCLIP, path: str | Path) -> Path:
-    """Write the model's full state dict and its configs to one .safetensors file."""
-    return write_model_file(model.state_dict(), model.model_cfg, model.arch, path)
+def save(model: CascadeCLIP, path: str | Path, extra: Mapping | None = None) -> Path:
+    """Write the model's full state dict and its configs to one .safetensors file.
+
+    `extra` is JSON-ready information for users of the file (pixel normalisation, classes it was
+    trained on, inference settings); read it back with `model_extra(path)`.
+    """
+    return write_model_file(model.state_dict(), model.model_cfg, model.arch, path, extra)
+
+
+def model_extra(path: str | Path) -> dict:
+    """The `extra` information saved with a model file ({} when there is none)."""
+    return json.loads(read_metadata(path).get("extra", "{}"))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -1,0 +1,332 @@
+"""CLIP weights in one local format, whatever their source.
+
+    <folder>/clip.safetensors   the full open_clip CLIP state dict, float32
+    <folder>/clip.json          arch (open_clip model config), image_size, mean/std (0..1 scale),
+                                source, sha256 of clip.safetensors, parameter counts, and the
+                                source's own details (file, url, checksum, toy pretraining figures)
+
+Sources (params clip.source): `openai` fetches OpenAI's checkpoint for clip.arch into
+clip.cache_dir (sha256 checked; clip.url / clip.sha256 override OpenAI's URL and checksum),
+`file` reads a local OpenAI JIT archive or open_clip state dict. The toy CLIP is trained by
+pipeline.engine.pretrain and saved here with `save_backbone` like the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import unquote, urlparse
+
+import open_clip
+import torch
+from open_clip.model import CLIP
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from pipeline.config import ClipConfig
+from pipeline.errors import CascadeError
+from pipeline.io import atomic_file
+from pipeline.model.clip import arch_config, create_clip, load_clip_state, named_arch, read_clip_checkpoint
+from pipeline.model.state import StateDictError, check_state_dict
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "clip.safetensors"
+META_FILE = "clip.json"
+FORMAT_VERSION = 1
+CLIP_MEAN = tuple(open_clip.constants.OPENAI_DATASET_MEAN)  # pixel statistics every source here uses (0..1 scale)
+CLIP_STD = tuple(open_clip.constants.OPENAI_DATASET_STD)
+OPENAI_TAG = "openai"
+DOWNLOAD_TIMEOUT_S = 60
+_CHUNK = 1 << 20
+
+
+class WeightsError(CascadeError, ValueError):
+    """CLIP weights that are missing, damaged (checksum) or do not fit their architecture."""
+
+
+class WeightsUnavailable(WeightsError):
+    """Weights that are neither in the cache nor downloadable; `transient` says whether retrying may help."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+class Backbone(NamedTuple):
+    arch: dict  # open_clip model config
+    state: dict[str, torch.Tensor]  # full CLIP state dict, float32
+    meta: dict  # clip.json
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str, *, what: str, fix: str) -> str:
+    """The file's sha256; `WeightsError` naming both hashes and the fix when it differs from `expected`."""
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise WeightsError(f"{path}: sha256 is {actual} but {what} expects {expected.lower()}; {fix}")
+    return actual
+
+
+# --------------------------------------------------------------------------------------------
+# architectures
+# --------------------------------------------------------------------------------------------
+def resolve_arch(clip: ClipConfig) -> dict:
+    """The open_clip model config: the toy CLIP's, a bundled one by name, or a model-config .json file."""
+    if clip.source == "toy":
+        return arch_config(clip)
+    if clip.arch.endswith(".json"):
+        path = Path(clip.arch)
+        if not path.is_file():
+            raise WeightsError(f"clip.arch: model config {path} not found")
+        arch = json.loads(path.read_text())
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in arch]
+        if missing:
+            raise WeightsError(f"{path}: not an open_clip model config, it lacks {', '.join(missing)}")
+        return arch
+    try:
+        return named_arch(clip.arch)
+    except ValueError as exc:
+        raise WeightsError(f"clip.arch: {exc}") from None
+
+
+def arch_name(clip: ClipConfig) -> str:
+    return "toy" if clip.source == "toy" else clip.arch
+
+
+# --------------------------------------------------------------------------------------------
+# source openai: OpenAI's checkpoint in the cache, downloaded when missing
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Download:
+    url: str
+    path: Path  # where the file is kept: clip.cache_dir / the URL's file name
+    sha256: str | None  # expected checksum (None: not checked)
+
+
+def openai_download(clip: ClipConfig) -> Download:
+    """Where source openai's file comes from and is kept, and its checksum (clip.url / clip.sha256 override)."""
+    url = clip.url or open_clip.get_pretrained_url(clip.arch, OPENAI_TAG)
+    if not url:
+        known = ", ".join(sorted(open_clip.list_pretrained_models_by_tag(OPENAI_TAG)))
+        raise WeightsError(f"open_clip knows no OpenAI weights for clip.arch {clip.arch!r}; architectures with "
+                           f"OpenAI weights: {known}. Or set clip.url (with clip.sha256) to fetch another file")
+    name = Path(unquote(urlparse(url).path)).name
+    if not name:
+        raise WeightsError(f"clip.url {url!r} does not end in a file name")
+    return Download(url=url, path=Path(clip.cache_dir) / name, sha256=clip.sha256 or _sha256_in_url(url))
+
+
+def _sha256_in_url(url: str) -> str | None:
+    """OpenAI's URLs carry the file's sha256 as the folder name (.../models/<sha256>/ViT-B-16.pt)."""
+    folder = Path(urlparse(url).path).parent.name
+    return folder.lower() if re.fullmatch(r"[0-9a-fA-F]{64}", folder) else None
+
+
+def fetch_openai_weights(clip: ClipConfig, *, progress: bool = True) -> Path:
+    """The path of source openai's checkpoint in clip.cache_dir: checked if present, else downloaded.
+
+    Raises `WeightsUnavailable` (naming the path, the URL and how to place the file by hand) when
+    the file is absent and cannot be downloaded, `WeightsError` when its checksum differs.
+    """
+    spec = openai_download(clip)
+    if spec.path.is_file():
+        if spec.sha256:
+            verify_sha256(spec.path, spec.sha256, what=f"the OpenAI checkpoint of {clip.arch}",
+                          fix="the file is damaged or a different checkpoint: delete it to download it again, "
+                              "or set clip.sha256 if you mean to use this file")
+        log.info("using cached CLIP weights %s", spec.path)
+        return spec.path
+    if not clip.download:
+        raise WeightsUnavailable(_absent_message(clip, spec, "clip.download is false"))
+    try:
+        download(spec.url, spec.path, spec.sha256, progress=progress)
+    except (urllib.error.URLError, OSError) as exc:
+        raise WeightsUnavailable(_absent_message(clip, spec, f"download failed: {_reason(exc)}"),
+                                 transient=_is_transient(exc)) from exc
+    return spec.path
+
+
+def _absent_message(clip: ClipConfig, spec: Download, reason: str) -> str:
+    checksum = f" (sha256 {spec.sha256})" if spec.sha256 else ""
+    return (
+        f"CLIP weights for {clip.arch} are not in the cache and could not be fetched ({reason}).\n"
+        f"  expected file: {spec.path.resolve()}\n"
+        f"  it comes from: {spec.url}\n"
+        f"Place it by hand: on a machine with internet run\n"
+        f"    curl -L -o {spec.path.name} '{spec.url}'\n"
+        f"then copy {spec.path.name}{checksum} to {spec.path.resolve()} and run the stage again. "
+        f"Or use a checkpoint you already have: clip.source: file, clip.file: <path>."
+    )
+
+
+def download(url: str, target: Path, sha256: str | None, *, progress: bool = True) -> None:
+    """Stream `url` (https:// or file://) into `target`, atomically, checking `sha256` before it lands."""
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as source, atomic_file(target) as out:
+        total = int(source.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}", disable=not progress) as bar:
+            while chunk := source.read(_CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+        if sha256 and digest.hexdigest() != sha256.lower():
+            raise WeightsError(f"{url}: downloaded file has sha256 {digest.hexdigest()}, expected {sha256.lower()}; "
+                               "nothing was kept. Check clip.url / clip.sha256")
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return f"{type(exc).__name__}: {reason if reason is not None else exc}"
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth retrying: server errors, rate limits, time-outs and dropped connections (not: no network, 404)."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500 or exc.code == 429
+    reason = getattr(exc, "reason", exc)
+    if isinstance(reason, socket.gaierror):
+        return False  # no name resolution: offline, retrying does not help
+    return isinstance(reason, (TimeoutError, socket.timeout, ConnectionResetError, ConnectionAbortedError))
+
+
+# --------------------------------------------------------------------------------------------
+# sources openai and file: checkpoint -> model, strictly
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pretrained:
+    arch: dict
+    model: CLIP  # float32, eval mode, weights loaded strictly
+    details: dict[str, Any]  # where the weights came from (for clip.json)
+
+
+def checkpoint_path(clip: ClipConfig, *, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The local checkpoint of source openai or file, checksum-verified, and its description."""
+    if clip.source == "openai":
+        path = fetch_openai_weights(clip, progress=progress)
+        spec = openai_download(clip)
+        return path, {"source_url": spec.url, "source_file": str(path), "source_sha256": sha256_file(path)}
+    if clip.source == "file":
+        path = Path(clip.file)
+        if not path.is_file():
+            raise WeightsError(f"clip.file: {path} not found; give the path of an OpenAI JIT .pt or open_clip checkpoint")
+        if clip.sha256:
+            digest = verify_sha256(path, clip.sha256, what="clip.sha256", fix="check clip.file and clip.sha256")
+        else:
+            digest = sha256_file(path)
+        return path, {"source_file": str(path), "source_sha256": digest}
+    raise WeightsError(f"clip.source {clip.source!r} has no checkpoint file (the toy CLIP is pretrained, not loaded)")
+
+
+def load_pretrained(clip: ClipConfig, *, progress: bool = True) -> Pretrained:
+    """Source openai or file: fetch/verify the checkpoint, read it, load it strictly into clip.arch."""
+    arch = resolve_arch(clip)
+    path, details = checkpoint_path(clip, progress=progress)
+    try:
+        state = read_clip_checkpoint(path)
+    except (ValueError, RuntimeError) as exc:
+        raise WeightsError(f"{path}: cannot be read as CLIP weights: {exc}") from None
+    model = create_clip(arch)
+    try:
+        load_clip_state(model, {k: _float32(v) for k, v in state.items()})
+    except StateDictError as exc:
+        raise WeightsError(f"{path} does not fit architecture {clip.arch}: {exc}") from None
+    return Pretrained(arch=arch, model=model.float().eval(), details={"arch_name": clip.arch, **details})
+
+
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+# --------------------------------------------------------------------------------------------
+# the local format
+# --------------------------------------------------------------------------------------------
+def parameter_counts(model: CLIP) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    visual = sum(p.numel() for p in model.visual.parameters())
+    return {"parameters": total, "parameters_visual": visual, "parameters_text": total - visual}
+
+
+def save_backbone(folder: Path, arch: Mapping, model: CLIP, *, source: str, details: Mapping[str, Any] | None = None) -> dict:
+    """Write clip.safetensors and clip.json into `folder` (which must exist); returns the metadata."""
+    state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    weights = folder / WEIGHTS_FILE
+    save_file(state, str(weights), metadata={"format": "pt", "source": source})
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "arch": dict(arch),
+        "image_size": int(_image_size(arch)),
+        "patch_size": int(arch["vision_cfg"].get("patch_size", 0)),
+        "context_length": int(arch["text_cfg"].get("context_length", 77)),
+        "embed_dim": int(arch["embed_dim"]),
+        "vision_layers": int(arch["vision_cfg"]["layers"]),
+        "mean": list(CLIP_MEAN),
+        "std": list(CLIP_STD),
+        "sha256": sha256_file(weights),
+        "size_bytes": weights.stat().st_size,
+        **parameter_counts(model),
+        **dict(details or {}),
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+def _image_size(arch: Mapping) -> int:
+    size = arch["vision_cfg"].get("image_size", 224)
+    return size[0] if isinstance(size, (list, tuple)) else size
+
+
+def read_backbone_meta(folder: str | Path) -> dict:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise WeightsError(f"{path}: backbone metadata not found; run `dvc repro backbone` first")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise WeightsError(f"{path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}; re-run `dvc repro backbone`")
+    return meta
+
+
+def load_backbone(folder: str | Path) -> Backbone:
+    """(arch, state, meta) of a backbone folder: sha256 verified, every key and shape checked against arch."""
+    folder = Path(folder)
+    meta = read_backbone_meta(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise WeightsError(f"{weights}: backbone weights not found; run `dvc repro backbone` first")
+    verify_sha256(weights, meta["sha256"], what=str(folder / META_FILE),
+                  fix="the weights were changed or damaged after they were written; re-run `dvc repro backbone`")
+    state = load_file(str(weights), device="cpu")
+    arch = meta["arch"]
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in create_clip(arch).state_dict().items()}
+    try:
+        check_state_dict(expected, state, source=str(weights))
+    except StateDictError as exc:
+        raise WeightsError(str(exc)) from None
+    return Backbone(arch=arch, state=state, meta=meta)
+
+
+def build_clip(backbone: Backbone) -> CLIP:
+    """The open_clip CLIP of a loaded backbone, float32, in eval mode."""
+    model = create_clip(backbone.arch)
+    load_clip_state(model, backbone.state)
+    return model.eval()
+

@@ -1,0 +1,83 @@
+"""Stage train: the inductive model, trained on the seen classes only (unseen pixels ignored)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from pipeline.config import params_hash
+from pipeline.data.dataset import SegmentationDataset
+from pipeline.data.prepared import ClassInfo
+from pipeline.data.transforms import label_lut
+from pipeline.engine.setup import load_text_embeddings, model_card, normalizer, train_transform
+from pipeline.engine.train import CURVE_KEYS, Schedule, TrainResult, distributed, train
+from pipeline.io import atomic_dir, atomic_file, write_json
+from pipeline.model import build_model, save
+from pipeline.weights import load_backbone
+from stages.common import StageContext, run_stage
+
+NAME = "train"
+SECTIONS = ("seed", "model", "loss", "train")
+PREPARED = "data/prepared"
+BACKBONE = "artifacts/backbone"
+TEXT = "artifacts/text/embeddings.npy"
+OUT = "artifacts/train"
+CHECKPOINTS = "artifacts/checkpoints/train"  # resumable state; survives a crash, removed on success
+METRICS = "artifacts/train_metrics.json"
+CURVE = "artifacts/train_curve.csv"  # DVC plot
+
+
+def write_curve(path: Path, curve: list[dict]) -> None:
+    with atomic_file(path, "w") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CURVE_KEYS)
+        writer.writeheader()
+        writer.writerows(curve)
+
+
+def train_metrics(result: TrainResult) -> dict[str, float]:
+    return {"final_loss": result.final_loss, "iterations_per_second": result.steps_per_second,
+            "train_seconds": result.seconds, "resumed_from": result.resumed_from}
+
+
+def main(ctx: StageContext) -> None:
+    p = ctx.params
+    classes = ClassInfo.read(ctx.path(PREPARED) / "classes.json")
+    backbone = load_backbone(ctx.path(BACKBONE))
+    model = build_model(p.model, backbone.arch, backbone.state)
+    embeddings = load_text_embeddings(ctx.path(TEXT), classes)[classes.seen_ids]
+    normalize = normalizer(p.train.normalization, backbone.meta)
+    dataset = SegmentationDataset(
+        ctx.path(PREPARED), "train", transform=train_transform(p.train, normalize),
+        lut=label_lut(classes.seen_ids, classes.num_classes), seed=p.seed,
+    )
+    card = model_card(classes, normalize, "inductive")
+    checkpoints = ctx.path(CHECKPOINTS)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    schedule = Schedule(p.train.iterations, p.train.warmup_iters, half_checkpoint=checkpoints / "model_half.safetensors")
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    result = train(
+        model, embeddings, dataset, cfg=p.train, loss_cfg=p.loss, schedule=schedule, seed=p.seed,
+        checkpoint=checkpoints / "last.pt", params_hash=params_hash(ctx.stage_params),
+        on_log=lambda row: ctx.log_metrics({"loss": row["loss"], "focal": row["focal"], "dice": row["dice"], "lr": row["lr"]}, step=row["step"]),
+        save_model=partial(save, extra=card),
+    )
+    if distributed()[0] != 0:
+        return
+    with atomic_dir(ctx.path(OUT)) as tmp:
+        save(model, tmp / "model.safetensors", extra=card)
+        shutil.copy2(schedule.half_checkpoint, tmp / "model_half.safetensors")
+        ctx.write_config(tmp)
+    write_curve(ctx.path(CURVE), result.curve)
+    metrics = train_metrics(result)
+    write_json(ctx.path(METRICS), metrics)
+    ctx.log_metrics(metrics)
+    ctx.log_artifact(ctx.path(CURVE))
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(NAME, main, SECTIONS))

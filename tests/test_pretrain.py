@@ -1,0 +1,161 @@
+"""Toy CLIP pretraining: data, schedule, a short run that learns, and the checks of what it learned."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ToyClipConfig
+from pipeline.data.catalog import get_dataset
+from pipeline.data.shapes import ShapesWorld
+from pipeline.engine.pretrain import (
+    CaptionedImages,
+    batch_order,
+    compositionality,
+    cosine_lr,
+    holdout_images,
+    normalise,
+    parameter_groups,
+    pretrain_clip,
+    pretrain_images,
+    pretrain_toy_clip,
+    zero_shot_accuracy,
+)
+from pipeline.model.clip import create_clip, make_tokenizer, toy_arch
+from pipeline.weights import CLIP_MEAN, CLIP_STD
+
+DEMO = get_dataset("demo")
+WORLD = ShapesWorld(DEMO)
+TINY = dict(embed_dim=32, image_size=32, patch_size=8, width=32, layers=2, head_width=16,
+            text_width=32, text_layers=1, text_heads=2, context_length=16)
+
+
+def test_cosine_lr_warms_up_linearly_then_decays_to_zero():
+    kw = dict(peak_lr=1.0, total_steps=110, warmup_steps=10)
+    assert cosine_lr(0, **kw) == pytest.approx(0.1)
+    assert cosine_lr(9, **kw) == pytest.approx(1.0)
+    assert cosine_lr(10, **kw) == pytest.approx(1.0)
+    assert cosine_lr(60, **kw) == pytest.approx(0.5)  # half-way through the cosine
+    assert cosine_lr(110, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_lr(0, peak_lr=2.0, total_steps=5, warmup_steps=0) == pytest.approx(2.0)
+
+
+def test_batch_order_is_seeded_and_walks_through_whole_epochs():
+    order = batch_order(10, 4, 5, seed=3)
+    assert order.shape == (5, 4)
+    assert np.array_equal(order, batch_order(10, 4, 5, seed=3))
+    assert not np.array_equal(order, batch_order(10, 4, 5, seed=4))
+    flat = order.ravel()
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+
+
+def test_pretraining_images_mix_single_and_multi_object_captions_over_all_classes():
+    toy = ToyClipConfig(**TINY, n_images=320, single_object_fraction=0.75, max_objects=3)
+    data = pretrain_images(WORLD, toy, seed=0, progress=False)
+    again = pretrain_images(WORLD, toy, seed=0, progress=False)
+    assert torch.equal(data.images, again.images) and data.captions == again.captions
+    assert data.images.shape == (320, 3, 32, 32) and data.images.dtype == torch.uint8
+    singles = [len(o) == 1 for o in data.objects]
+    assert 0.65 < np.mean(singles) < 0.85
+    assert max(len(o) for o in data.objects) <= 3
+    assert {c for o in data.objects for c in o} == set(range(16))  # seen and unseen classes alike
+    for objects, caption in zip(data.objects, data.captions):
+        assert caption == WORLD.caption(objects)
+        for c in objects:
+            assert DEMO.classes[c] in caption
+
+
+def test_holdout_images_are_single_objects_spread_over_the_classes_and_differ_from_pretraining():
+    toy = ToyClipConfig(**TINY, n_images=32, n_holdout=48)
+    images, labels = holdout_images(WORLD, toy, seed=0)
+    assert images.shape == (48, 3, 32, 32)
+    assert labels.tolist() == [i % 16 for i in range(48)]
+    pretraining = pretrain_images(WORLD, toy, seed=0, progress=False)
+    assert not torch.equal(images[:32], pretraining.images)
+
+
+def test_weight_decay_skips_gains_biases_and_the_logit_scale():
+    model = create_clip(toy_arch(ToyClipConfig(**TINY)))
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert any(p is model.logit_scale for p in no_decay["params"])
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def contrastive_loss(model, tokenizer, data: CaptionedImages) -> float:
+    import open_clip
+
+    with torch.no_grad():
+        out = model(normalise(data.images, CLIP_MEAN, CLIP_STD), tokenizer(data.captions))
+        return float(open_clip.loss.ClipLoss()(*out))
+
+
+def test_short_pretraining_lowers_the_contrastive_loss_and_is_deterministic():
+    toy = ToyClipConfig(**TINY, steps=40, batch_size=32, lr=2e-3, warmup_steps=4, n_images=64, single_object_fraction=1.0)
+    data = pretrain_images(WORLD, toy, seed=0, progress=False)
+    arch = toy_arch(toy)
+    tokenizer = make_tokenizer(arch)
+    curves = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = create_clip(arch)
+        before = contrastive_loss(model.eval(), tokenizer, data)
+        result = pretrain_clip(model, tokenizer, data, toy, seed=0, mean=CLIP_MEAN, std=CLIP_STD, progress=False)
+        after = contrastive_loss(model, tokenizer, data)
+        curves.append([row["loss"] for row in result.curve])
+    assert after < 0.75 * before, (before, after)
+    assert result.final_loss < result.curve[0]["loss"]
+    assert len(result.curve) == 40 and result.curve[-1]["step"] == 40
+    assert curves[0] == curves[1]
+
+
+def test_zero_shot_accuracy_splits_into_seen_and_unseen():
+    toy = ToyClipConfig(**TINY, n_holdout=32)
+    arch = toy_arch(toy)
+    torch.manual_seed(0)
+    model = create_clip(arch).eval()
+    images, labels = holdout_images(WORLD, toy, seed=0)
+    out = zero_shot_accuracy(model, make_tokenizer(arch), images, labels, DEMO.classes, ["a photo of a {}."],
+                             seen_ids=DEMO.seen_ids(), mean=CLIP_MEAN, std=CLIP_STD)
+    seen_share = 12 / 16
+    assert out["zero_shot_acc"] == pytest.approx(seen_share * out["zero_shot_acc_seen"] + (1 - seen_share) * out["zero_shot_acc_unseen"])
+    assert out["zero_shot_chance"] == pytest.approx(1 / 16)
+    assert 0 <= out["zero_shot_acc"] <= 1
+
+
+def test_compositionality_of_additive_colour_and_shape_embeddings_holds_everywhere():
+    colours, shapes = ["red", "green", "blue"], ["circle", "square", "star"]
+    names = [f"{c} {s}" for c in colours for s in shapes]
+    basis = torch.eye(6)
+    additive = torch.stack([basis[i] + basis[3 + j] for i in range(3) for j in range(3)])
+    out = compositionality(additive, names)
+    assert out["compositional_triples"] == 1.0
+    assert out["cos_same_colour_mean"] == pytest.approx(0.5) and out["cos_unrelated_mean"] == pytest.approx(0.0)
+    assert out["cos/red_circle/red_square"] == pytest.approx(0.5)
+    # one-hot class embeddings share nothing: no triple holds (ties do not count)
+    assert compositionality(torch.eye(9), names)["compositional_triples"] == 0.0
+
+
+def test_compositionality_counts_triples_by_hand():
+    names = ["red circle", "red square", "blue circle", "blue square"]
+    angles = torch.tensor([0.0, 30.0, 90.0, 20.0]).deg2rad()  # unit vectors in the plane: cos = cos(angle gap)
+    out = compositionality(torch.stack([angles.cos(), angles.sin()], dim=1), names)
+    # (anchor, partner | stranger): red circle: red square 30 vs blue square 20 no, blue circle 90 no;
+    # red square: red circle 30 vs blue circle 60 yes, blue square 10 yes; blue circle: blue square 70
+    # vs red square 60 no, red circle 90 no; blue square: blue circle 70 vs red circle 20 no, red square 10 yes
+    assert out["compositional_triples"] == pytest.approx(3 / 8)
+    assert out["compositional_triples_colour"] == pytest.approx(1 / 4)
+    assert out["compositional_triples_shape"] == pytest.approx(2 / 4)
+    assert out["cos/red_circle/red_square"] == pytest.approx(math.cos(math.radians(30)))
+
+
+@pytest.mark.slow
+def test_default_toy_pretraining_learns_zero_shot_classification():
+    toy = pretrain_toy_clip(ToyClipConfig(), seed=0, progress=False)
+    m = toy.metrics
+    assert m["zero_shot_acc"] > 0.8 and m["zero_shot_acc_unseen"] > 0.6, m
+    assert m["compositional_triples"] > 0.8, m
+    assert m["pretrain_final_loss"] < 0.5 * m["pretrain_initial_loss"]
+    assert math.isfinite(m["pretrain_seconds"])
