@@ -3,6 +3,7 @@ the no-transfer control (unseen text embeddings replaced by random unit vectors)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,23 +12,23 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.compare import TAG_MODEL_FILE
-from pipeline.data.prepared import ClassInfo
+from pipeline.data.prepared import ClassInfo, prepare_dataset
 from pipeline.engine.evaluate import EvalResult, evaluate, random_unit_embeddings
 from pipeline.engine.setup import load_text_embeddings, normalizer
-from pipeline.errors import CascadeError
 from pipeline.io import atomic_dir, write_json
-from pipeline.model import load
+from pipeline.model import load, make_tokenizer
 from pipeline.viz import close, iou_bars, matrix_heatmap, overlay_grid
 from pipeline.weights import read_backbone_meta
 from stages.common import StageContext, run_stage
 
 NAME = "evaluate"
-SECTIONS = ("seed", "train", "evaluate")  # train: its normalisation setting
+SECTIONS = ("seed", "dataset", "train", "evaluate")  # dataset: cross-dataset preparation; train: normalisation
 PREPARED = "data/prepared"
 BACKBONE = "artifacts/backbone"
 TEXT = "artifacts/text/embeddings.npy"
 INDUCTIVE = "artifacts/train/model.safetensors"
 SELF_TRAINED = "artifacts/self_train/model.safetensors"
+CROSS = "data/cross"  # other datasets' val splits for cross-dataset evaluation
 OUT = "artifacts/eval"
 METRICS = "artifacts/metrics.json"
 
@@ -58,29 +59,48 @@ def write_pictures(ctx: StageContext, folder: Path, classes: ClassInfo, name: st
         close(figure)
 
 
+def cross_dataset(ctx: StageContext, name: str) -> tuple[Path, ClassInfo]:
+    """The val split of another catalog dataset, prepared once into data/cross/<name>; every one
+    of its classes counts as unseen (the model never trained on its labels)."""
+    root = ctx.path(CROSS) / name
+    if not (root / "classes.json").exists():
+        cfg = ctx.params.dataset.model_copy(update={"name": name, "unseen_split": None})
+        with atomic_dir(root) as tmp:
+            prepare_dataset(cfg, ctx.params.seed, tmp, splits=("val",))
+    classes = ClassInfo.read(root / "classes.json")
+    every = list(range(classes.num_classes))
+    return root, replace(classes, seen_ids=[], unseen_ids=every)
+
+
+def cross_embeddings(model, classes: ClassInfo) -> torch.Tensor:
+    """The target dataset's class embeddings from the model's own text tower and its templates."""
+    with torch.no_grad():
+        return model.encode_text(classes.names, classes.templates, make_tokenizer(model.arch)).float().cpu()
+
+
 def main(ctx: StageContext) -> None:
     p = ctx.params
     if p.evaluate.cross_dataset is not None:
-        raise CascadeError(
-            f"evaluate.cross_dataset={p.evaluate.cross_dataset!r} needs that dataset prepared, and real datasets "
-            "cannot be prepared in this build yet; set evaluate.cross_dataset: null"
-        )
-    root = ctx.path(PREPARED)
-    classes = ClassInfo.read(root / "classes.json")
-    embeddings = load_text_embeddings(ctx.path(TEXT), classes)
+        root, classes = cross_dataset(ctx, p.evaluate.cross_dataset)
+        embeddings = None  # computed per model below
+    else:
+        root = ctx.path(PREPARED)
+        classes = ClassInfo.read(root / "classes.json")
+        embeddings = load_text_embeddings(ctx.path(TEXT), classes)
     normalize = normalizer(p.train.normalization, read_backbone_meta(ctx.path(BACKBONE)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict[str, EvalResult] = {}
     for name, model_file, calibrated in SETTINGS:
         model = load(ctx.path(model_file), map_location=device)
-        calibration = p.evaluate.calibration if calibrated else 0.0
-        results[name] = evaluate(model, embeddings, root, classes, cfg=p.evaluate, normalize=normalize,
+        class_embeddings = embeddings if embeddings is not None else cross_embeddings(model, classes)
+        calibration = p.evaluate.calibration if calibrated and classes.seen_ids else 0.0
+        results[name] = evaluate(model, class_embeddings, root, classes, cfg=p.evaluate, normalize=normalize,
                                  calibration=calibration, keep_samples=p.evaluate.n_overlays)
         if name == "inductive":
-            control = random_unit_embeddings(embeddings, classes.unseen_ids, seed=p.seed)
+            control = random_unit_embeddings(class_embeddings, classes.unseen_ids, seed=p.seed)
             results["control_no_transfer"] = evaluate(model, control, root, classes, cfg=p.evaluate, normalize=normalize,
                                                       calibration=calibration, progress=False)
-    metrics = {name: result.metrics for name, result in results.items()}
+    metrics = {name: {k: (None if np.isnan(v) else v) for k, v in result.metrics.items()} for name, result in results.items()}
     with atomic_dir(ctx.path(OUT)) as tmp:
         pq.write_table(iou_table(classes, results), tmp / "per_class_iou.parquet")
         for name, result in results.items():
@@ -94,7 +114,7 @@ def main(ctx: StageContext) -> None:
     ctx.set_tags({TAG_MODEL_FILE: str(ctx.path(dict((n, f) for n, f, _ in SETTINGS)[final_name]).resolve()),
                   "cascade.final_setting": final_name})
     for name, values in {**metrics, "": final}.items():
-        ctx.log_metrics({f"{name}.{k}" if name else k: v for k, v in values.items() if not np.isnan(v)})
+        ctx.log_metrics({f"{name}.{k}" if name else k: v for k, v in values.items() if v is not None})
     ctx.log_artifact(ctx.path(OUT) / "per_class_iou.parquet")
 
 
