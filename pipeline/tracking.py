@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ TAG_COMMIT = "cascade.git_commit"
 TAG_PARAMS_HASH = "cascade.params_hash"
 TAG_GROUP = "cascade.pipeline_group"
 TAG_DVC_EXP = "cascade.dvc_experiment"
+TAG_PID = "cascade.pid"  # the process a run belongs to, so a killed run can be recognised later
+TAG_HOST = "cascade.host"
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -100,7 +103,8 @@ def mlflow_run(
         artifacts = (root / "mlartifacts").resolve().as_uri()
         mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
     mlflow.set_experiment(cfg.experiment)
-    tags = run_tags(stage, stage_params, all_params, root)
+    tags = run_tags(stage, stage_params, all_params, root) | {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
+    close_dead_runs(stage, cfg.experiment)
     with mlflow.start_run(run_name=stage, tags=tags) as run:
         flat = flatten(logged_params if logged_params is not None else stage_params)
         mlflow.log_params({k: _param_value(v) for k, v in flat.items()})
@@ -109,6 +113,38 @@ def mlflow_run(
         except KeyboardInterrupt:
             mlflow.end_run(status="KILLED")
             raise
+
+
+def close_dead_runs(stage: str, experiment_name: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of `stage` on this host whose process is gone (kill -9, power
+    loss): MLflow never heard of their end. Returns their run ids."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_HOST}` = '{socket.gethostname()}'",
+    )
+    closed = []
+    for run in runs:
+        pid = int(run.data.tags.get(TAG_PID, "0"))
+        if pid and not _alive(pid):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            client.set_tag(run.info.run_id, "cascade.end", "process gone; marked KILLED by the next run")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _param_value(value: Any) -> str:

@@ -107,3 +107,24 @@ def test_failure_in_the_middle_of_writing_leaves_no_output(project, mlflow_uri, 
     after = {p.name: p.read_bytes() for p in (project / "data/prepared/images/train").iterdir()}
     assert after == before
     assert sorted(p.name for p in (project / "data").iterdir()) == ["prepare_metrics.json", "prepared"]
+
+
+def test_a_run_whose_process_died_is_marked_killed_by_the_next_run(project, mlflow_uri):
+    import mlflow
+
+    from pipeline.tracking import TAG_HOST, TAG_PID, TAG_STAGE
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_experiment("cascade-clip")
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = MlflowClient(mlflow_uri).create_run(
+        mlflow.get_experiment_by_name("cascade-clip").experiment_id,
+        tags={TAG_STAGE: "prepare_data", TAG_PID: str(dead.pid), TAG_HOST: socket.gethostname()},
+    )
+    assert run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, []) == 0
+    killed = MlflowClient(mlflow_uri).get_run(orphan.info.run_id)
+    assert killed.info.status == "KILLED"
