@@ -267,7 +267,7 @@ class LossConfig(Section):
 # training, pseudo-labels, self-training, evaluation, tracking
 # --------------------------------------------------------------------------------------------
 class TrainConfig(Section):
-    iterations: int = Field(1500, ge=1)
+    iterations: int = Field(600, ge=1)
     """optimiser steps (VOC 20k, Context 40k, COCO 80k in the paper)"""
     batch_size: int = Field(8, ge=1)
     """images per step per process"""
@@ -279,7 +279,7 @@ class TrainConfig(Section):
     """learning-rate multiplier of prompts and decode head"""
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay (not applied to norms)"""
-    warmup_iters: int = Field(100, ge=0)
+    warmup_iters: int = Field(50, ge=0)
     """linear warm-up iterations (1500 in the paper)"""
     warmup_ratio: float = Field(1e-6, gt=0, le=1)
     """learning rate at step 0 as a fraction of the base"""
@@ -303,7 +303,7 @@ class TrainConfig(Section):
     """pixel mean/std: the CLIP backbone's own, or ImageNet's as the authors' release"""
     amp: Literal["none", "bf16", "fp16"] = "none"
     """mixed precision: bf16 on CPU or CUDA, fp16 on CUDA only"""
-    checkpoint_every: int = Field(250, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
     """iterations between resumable checkpoints"""
     log_every: int = Field(10, ge=1)
     """iterations between logged loss/lr points"""
@@ -329,13 +329,13 @@ class PseudoConfig(Section):
 
 
 class SelfTrainConfig(Section):
-    iterations: int = Field(750, ge=1)
+    iterations: int = Field(300, ge=1)
     """self-training steps (VOC 10k, Context 20k, COCO 40k in the paper)"""
     mode: Literal["offline", "online"] = "offline"
     """offline: stored pseudo-labels (pipeline default); online: recomputed each step, as the release"""
     init: Literal["half", "final"] = "half"
     """inductive checkpoint self-training starts from: half the schedule (the release) or final"""
-    warmup_iters: int = Field(50, ge=0)
+    warmup_iters: int = Field(20, ge=0)
     """linear warm-up iterations of the self-training schedule"""
 
 

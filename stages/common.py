@@ -25,8 +25,10 @@ from pipeline.tracking import mlflow_run, project_root
 
 log = logging.getLogger("cascade_clip.stages")
 
-# no telemetry from Prefect's temporary server (there is no internet to send it to)
+# no telemetry from Prefect's temporary server (there is no internet to send it to), and time for
+# that server to start on a busy machine (Prefect's default of 20 s is too short on 2 loaded cores)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 @dataclass
