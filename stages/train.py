@@ -54,28 +54,50 @@ def main(ctx: StageContext) -> None:
         ctx.path(PREPARED), "train", transform=train_transform(p.train, normalize),
         lut=label_lut(classes.seen_ids, classes.num_classes), seed=p.seed,
     )
-    card = model_card(classes, normalize, "inductive")
-    checkpoints = ctx.path(CHECKPOINTS)
+    run_training(ctx, model, embeddings, dataset, iterations=p.train.iterations, warmup=p.train.warmup_iters,
+                 checkpoints=ctx.path(CHECKPOINTS), out=ctx.path(OUT), curve=ctx.path(CURVE), metrics=ctx.path(METRICS),
+                 card=model_card(classes, normalize, "inductive"), keep_half=True)
+
+
+def run_training(
+    ctx: StageContext,
+    model,
+    embeddings: torch.Tensor,
+    dataset: SegmentationDataset,
+    *,
+    iterations: int,
+    warmup: int,
+    checkpoints: Path,
+    out: Path,
+    curve: Path,
+    metrics: Path,
+    card: dict,
+    label_fn=None,
+    keep_half: bool = False,
+) -> None:
+    """Train (resuming from `checkpoints` when the parameters match), then write the model (and
+    the half-schedule model) atomically to `out`, the curve, the metrics, and log them (rank 0)."""
+    p = ctx.params
     checkpoints.mkdir(parents=True, exist_ok=True)
-    schedule = Schedule(p.train.iterations, p.train.warmup_iters, half_checkpoint=checkpoints / "model_half.safetensors")
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    half = checkpoints / "model_half.safetensors" if keep_half else None
     result = train(
-        model, embeddings, dataset, cfg=p.train, loss_cfg=p.loss, schedule=schedule, seed=p.seed,
-        checkpoint=checkpoints / "last.pt", params_hash=params_hash(ctx.stage_params),
-        on_log=lambda row: ctx.log_metrics({"loss": row["loss"], "focal": row["focal"], "dice": row["dice"], "lr": row["lr"]}, step=row["step"]),
+        model, embeddings, dataset, cfg=p.train, loss_cfg=p.loss, schedule=Schedule(iterations, warmup, half_checkpoint=half),
+        seed=p.seed, checkpoint=checkpoints / "last.pt", params_hash=params_hash(ctx.stage_params), label_fn=label_fn,
+        on_log=lambda row: ctx.log_metrics({k: row[k] for k in ("loss", "focal", "dice", "lr")}, step=row["step"]),
         save_model=partial(save, extra=card),
     )
     if distributed()[0] != 0:
         return
-    with atomic_dir(ctx.path(OUT)) as tmp:
+    with atomic_dir(out) as tmp:
         save(model, tmp / "model.safetensors", extra=card)
-        shutil.copy2(schedule.half_checkpoint, tmp / "model_half.safetensors")
+        if half is not None:
+            shutil.copy2(half, tmp / "model_half.safetensors")
         ctx.write_config(tmp)
-    write_curve(ctx.path(CURVE), result.curve)
-    metrics = train_metrics(result)
-    write_json(ctx.path(METRICS), metrics)
-    ctx.log_metrics(metrics)
-    ctx.log_artifact(ctx.path(CURVE))
+    write_curve(curve, result.curve)
+    values = train_metrics(result)
+    write_json(metrics, values)
+    ctx.log_metrics(values)
+    ctx.log_artifact(curve)
     shutil.rmtree(checkpoints, ignore_errors=True)
 
 

@@ -55,7 +55,7 @@ def test_train_killed_mid_run_resumes_to_bit_identical_weights(tmp_path):
 
     resumed = dvc(["repro", "train"], repo, env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from" in resumed.stdout + resumed.stderr
+    assert "resuming from" in resumed.stdout + resumed.stderr
     assert not checkpoint.exists()
     after_crash = sha(repo / "artifacts/train/model.safetensors")
 
