@@ -110,23 +110,23 @@ class ToyClipConfig(Section):
     """text attention heads"""
     context_length: int = Field(24, ge=8)
     """text context length in tokens"""
-    steps: int = Field(400, ge=1)
+    steps: int = Field(300, ge=1)
     """contrastive pretraining steps"""
     batch_size: int = Field(128, ge=2)
     """image-caption pairs per pretraining step"""
     lr: float = Field(2e-3, gt=0)
     """peak AdamW learning rate of the pretraining"""
-    warmup_steps: int = Field(40, ge=0)
+    warmup_steps: int = Field(30, ge=0)
     """linear warm-up steps before cosine decay"""
     n_images: int = Field(4000, ge=16)
     """captioned images generated for pretraining"""
-    single_object_fraction: float = Field(0.75, ge=0, le=1)
+    single_object_fraction: float = Field(0.8, ge=0, le=1)
     """share of pretraining images with one object (one-object captions teach shape fastest)"""
     max_objects: int = Field(3, ge=2)
     """most objects in a multi-object pretraining image (they have 2..max_objects)"""
-    min_object_size: float = Field(0.3, gt=0, le=1)
+    min_object_size: float = Field(0.45, gt=0, le=1)
     """smallest pretraining object, as a fraction of the image side"""
-    max_object_size: float = Field(0.55, gt=0, le=1)
+    max_object_size: float = Field(0.75, gt=0, le=1)
     """largest pretraining object, as a fraction of the image side"""
     weight_decay: float = Field(0.1, ge=0)
     """AdamW weight decay of the pretraining (not applied to gains, biases and the logit scale)"""

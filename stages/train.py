@@ -47,6 +47,7 @@ def main(ctx: StageContext) -> None:
     p = ctx.params
     classes = ClassInfo.read(ctx.path(PREPARED) / "classes.json")
     backbone = load_backbone(ctx.path(BACKBONE))
+    torch.manual_seed(p.seed)  # the random frozen taps are not in trainable checkpoints: same seed, same taps
     model = build_model(p.model, backbone.arch, backbone.state)
     embeddings = load_text_embeddings(ctx.path(TEXT), classes)[classes.seen_ids]
     normalize = normalizer(p.train.normalization, backbone.meta)

@@ -152,6 +152,8 @@ def test_compositionality_counts_triples_by_hand():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 4 open: the default toy CLIP reaches 50.6% zero-shot accuracy "
+                   "(shape barely learned); this target is not met yet. strict: remove this mark once it passes")
 def test_default_toy_pretraining_learns_zero_shot_classification():
     toy = pretrain_toy_clip(ToyClipConfig(), seed=0, progress=False)
     m = toy.metrics
