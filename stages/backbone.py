@@ -7,6 +7,7 @@ accuracy on held-out images, compositional text embeddings); openai and file loa
 from __future__ import annotations
 
 import csv
+import time
 
 from pipeline.config import ClipConfig
 from pipeline.engine.pretrain import CURVE_FIELDS, pretrain_toy_clip
@@ -23,6 +24,8 @@ RETRY_DELAYS_S = [10, 60]
 
 
 def main(ctx: StageContext) -> None:
+    import mlflow
+
     clip = rooted(ctx.params.clip, ctx)
     with atomic_dir(ctx.path(OUT)) as tmp:
         if clip.source == "toy":
@@ -40,8 +43,6 @@ def main(ctx: StageContext) -> None:
     log_curve(ctx, curve)
     ctx.log_metrics(metrics)
     ctx.log_dict(meta, "clip.json")
-    import mlflow
-
     mlflow.set_tags({"clip.source": clip.source, "clip.sha256": meta["sha256"]})
 
 
@@ -86,8 +87,6 @@ def log_curve(ctx: StageContext, curve: list[dict]) -> None:
     """Every step of the pretraining curve as MLflow metric points (one batched call)."""
     if not curve:
         return
-    import time
-
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 

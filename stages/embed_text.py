@@ -30,6 +30,8 @@ FIGURE = "similarity.png"
 
 
 def main(ctx: StageContext) -> None:
+    import mlflow
+
     cfg = ctx.params.text
     classes = ClassInfo.read(ctx.path(CLASSES))
     backbone = load_backbone(ctx.path(BACKBONE))
@@ -46,8 +48,6 @@ def main(ctx: StageContext) -> None:
     ctx.log_metrics(summary)
     ctx.log_dict({"name": templates.name, "templates": list(templates.templates)}, "templates.json")
     ctx.log_figure(figure, FIGURE)
-    import mlflow
-
     mlflow.set_tags({"text.template_set": templates.name, "backbone.sha256": backbone.meta["sha256"],
                      "backbone.source": backbone.meta["source"]})
 

@@ -151,13 +151,28 @@ def test_compositionality_counts_triples_by_hand():
     assert out["cos/red_circle/red_square"] == pytest.approx(math.cos(math.radians(30)))
 
 
+@pytest.fixture(scope="module")
+def default_toy():
+    """The toy CLIP pretrained at the default parameters (minutes: shared by the slow tests below)."""
+    return pretrain_toy_clip(ToyClipConfig(), seed=0, progress=False)
+
+
+@pytest.mark.slow
+def test_default_toy_pretraining_learns_far_above_chance(default_toy):
+    m = default_toy.metrics
+    # measured at the defaults (seed 0, 2 threads): 0.52 overall, 0.52 seen, 0.50 unseen (chance
+    # 0.0625); triples 0.81 (colour 1.00, shape 0.62): colour is learned first, shape more slowly
+    assert m["zero_shot_acc"] > 0.4 and m["zero_shot_acc_seen"] > 0.35 and m["zero_shot_acc_unseen"] > 0.3, m
+    assert m["compositional_triples"] > 0.7 and m["compositional_triples_colour"] > 0.9, m
+    assert m["pretrain_final_loss"] < 0.6 * m["pretrain_initial_loss"]
+    assert math.isfinite(m["pretrain_seconds"])
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 4 open: the default toy CLIP reaches 50.6% zero-shot accuracy "
                    "(shape barely learned); this target is not met yet. strict: remove this mark once it passes")
-def test_default_toy_pretraining_learns_zero_shot_classification():
-    toy = pretrain_toy_clip(ToyClipConfig(), seed=0, progress=False)
-    m = toy.metrics
+def test_default_toy_pretraining_learns_zero_shot_classification(default_toy):
+    m = default_toy.metrics
     assert m["zero_shot_acc"] > 0.8 and m["zero_shot_acc_unseen"] > 0.6, m
     assert m["compositional_triples"] > 0.8, m
     assert m["pretrain_final_loss"] < 0.5 * m["pretrain_initial_loss"]
-    assert math.isfinite(m["pretrain_seconds"])
