@@ -106,10 +106,6 @@ def resolve_arch(clip: ClipConfig) -> dict:
         raise WeightsError(f"clip.arch: {exc}") from None
 
 
-def arch_name(clip: ClipConfig) -> str:
-    return "toy" if clip.source == "toy" else clip.arch
-
-
 # --------------------------------------------------------------------------------------------
 # source openai: OpenAI's checkpoint in the cache, downloaded when missing
 # --------------------------------------------------------------------------------------------
