@@ -499,7 +499,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             expected = err.get("ctx", {}).get("expected", "")
             problems.append(f"{key}: invalid value {err['input']!r}; valid choices: {expected}")
         elif kind == "value_error":
-            problems.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {message}" if loc else message)  # cross-section checks name their keys
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"

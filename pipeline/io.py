@@ -2,11 +2,13 @@
 
 A stage killed at any point leaves either the previous complete output or none at the output
 path, never a half-written one; leftovers carry a `.tmp-` / `.old-` marker and are swept by the
-next run (`sweep_stale`).
+next run (`sweep_stale`). Running out of disk space while writing raises `DiskFullError`, which
+names the output and the fix.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,8 +19,27 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import CascadeError
+
 TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
+
+
+class DiskFullError(CascadeError, OSError):
+    """No space left on the device while writing an output; what was at the output path is unchanged."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def _raise_if_disk_full(exc: BaseException, target: Path) -> None:
+    """Turn an out-of-space OSError raised while writing `target` into a `DiskFullError` naming it."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"{target}: disk full (no space left on device) while writing this output; its previous version, if any, "
+            f"is unchanged. Free space on the disk holding {target.parent} and re-run.",
+        ) from exc
 
 
 def sweep_stale(target: Path) -> list[Path]:
@@ -75,9 +96,10 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}", dir=target.parent))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_if_empty(created)
+        _raise_if_disk_full(exc, target)
         raise
     replace_path(tmp, target)
 
@@ -94,8 +116,9 @@ def atomic_file(target: str | Path, mode: str = "wb") -> Iterator[Any]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(exc, target)
         raise
     os.replace(tmp, target)
 

@@ -40,7 +40,7 @@ def parse_classes(text: str | Sequence[str]) -> list[str]:
     names = [c.strip() for c in (text.split(",") if isinstance(text, str) else text)]
     names = [c for c in names if c]
     if not names:
-        raise CascadeError("the class list is empty; pass names such as --classes \"cat,dog,grass\"")
+        raise CascadeError('the class list is empty; pass class names, such as --classes "cat,dog,grass" or ["cat", "dog"]')
     duplicates = sorted({c for c in names if names.count(c) > 1})
     if duplicates:
         raise CascadeError(f"class names given twice: {duplicates}; each class once, please")
@@ -113,10 +113,9 @@ class Segmenter:
         """Segment one image; pixels whose best sigmoid score is below `threshold` get 255 (no class)."""
         names = parse_classes(classes)
         if not isinstance(image, np.ndarray):
-            try:
-                image = read_image(Path(image))
-            except ValueError as exc:
-                raise CascadeError(str(exc)) from None
+            if not Path(image).is_file():
+                raise CascadeError(f"{image}: no such image file")
+            image = read_image(Path(image))
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise CascadeError(f"expected an RGB uint8 image [H, W, 3], got {image.shape} {image.dtype}")
         label, scores = predict_image(self.model, image, self.class_embeddings(names), cfg=self.inference, normalize=self.normalize)

@@ -9,6 +9,7 @@ run (tagged and grouped, see pipeline.tracking), then the stage's `main(ctx)`.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -125,6 +126,12 @@ def run_stage(
             stage_flow(name, main, sections, root, log_all_params)(params.model_dump(mode="json"))
     except CascadeError as exc:
         print(f"error [{name}]: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"error [{name}]: disk full (no space left on device) while writing {exc.filename or 'an output'}; "
+              "free space and re-run the stage", file=sys.stderr)
         return 1
     return 0
 

@@ -62,7 +62,10 @@ def get_dataset(name: str) -> DatasetEntry:
     for split, names in splits.items():
         missing = [n for n in names if n not in classes]
         if missing:
-            raise CatalogError(f"catalog: {name}.unseen_splits.{split} names classes not in {name}.classes: {missing}")
+            raise CatalogError(
+                f"{CATALOG_PATH}: {name}.unseen_splits.{split} names classes not in {name}.classes: {missing}; "
+                f"use names from {name}.classes: {', '.join(classes)}"
+            )
     return DatasetEntry(
         name=name,
         description=entry.pop("description"),

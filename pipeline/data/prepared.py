@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import IGNORE_INDEX, DatasetConfig
-from pipeline.data.catalog import DatasetEntry, get_dataset, palette, template_set
+from pipeline.data.catalog import CatalogError, DatasetEntry, get_dataset, palette, template_set
 from pipeline.data.shapes import ShapesWorld, scene_rng
 from pipeline.errors import CascadeError
 
@@ -207,7 +207,12 @@ def prepare_dataset(
     both splits. On an error, what this call wrote into `root` is removed.
     """
     entry = get_dataset(cfg.name)
-    entry.unseen(cfg.unseen_split)  # fail early on an unknown split name
+    try:
+        entry.unseen(cfg.unseen_split)  # fail early on an unknown split name
+    except CatalogError as exc:
+        raise CatalogError(
+            f"dataset.unseen_split: {exc}; set it to one of them in params.yaml (null = {entry.default_split})"
+        ) from None
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:
         raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits}")

@@ -45,10 +45,14 @@ def load_text_embeddings(path: Path, classes: ClassInfo) -> torch.Tensor:
     if not path.exists():
         raise EmbeddingMismatch(f"{path}: text embeddings not found; run `dvc repro embed_text` first")
     embeddings = np.load(path)
-    if embeddings.ndim != 2 or embeddings.shape[0] != classes.num_classes:
+    if embeddings.ndim != 2:
         raise EmbeddingMismatch(
-            f"{path}: holds {embeddings.shape[0] if embeddings.ndim else 0} class embeddings but dataset "
-            f"{classes.dataset!r} has {classes.num_classes} classes; re-run `dvc repro embed_text` after prepare_data"
+            f"{path}: expected a [classes, dim] matrix, got shape {embeddings.shape}; re-run `dvc repro embed_text`"
+        )
+    if embeddings.shape[0] != classes.num_classes:
+        raise EmbeddingMismatch(
+            f"{path}: holds {embeddings.shape[0]} class embeddings but dataset {classes.dataset!r} has "
+            f"{classes.num_classes} classes; re-run `dvc repro embed_text` after prepare_data"
         )
     return torch.from_numpy(embeddings.astype(np.float32))
 

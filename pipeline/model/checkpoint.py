@@ -77,7 +77,13 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> CascadeC
     model = build_model(model_cfg, arch)
     state = load_file(str(path), device="cpu")
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_state_dict(expected, state, source=str(path))
+    try:
+        check_state_dict(expected, state, source=str(path))
+    except StateDictError as exc:
+        raise StateDictError(
+            f"{exc}\n  the tensors do not fit the model config stored in the same file (another code version, or an "
+            "edited file); write the file again with this version (`dvc repro`, or `cascade-clip import-checkpoint`)"
+        ) from None
     model.load_state_dict(state)
     return model.to(map_location)
 
@@ -96,19 +102,29 @@ def save_trainable(model: CascadeCLIP, path: str | Path) -> Path:
     return path
 
 
+def _differences(meta: Mapping[str, str], model: CascadeCLIP) -> str:
+    """The model-config fields (and whether the CLIP architecture) differ between a file's metadata and `model`."""
+    saved, current = ModelConfig.model_validate_json(meta["model_config"]).model_dump(), model.model_cfg.model_dump()
+    changed = [f"model.{k}: file {saved[k]!r} vs model {current[k]!r}" for k in saved if saved[k] != current[k]]
+    if meta["arch"] != json.dumps(model.arch, sort_keys=True):
+        changed.append("CLIP architecture")
+    return ", ".join(changed)
+
+
 def load_trainable(model: CascadeCLIP, path: str | Path) -> None:
     """Copy trainable tensors saved with `save_trainable` into `model` (exact keys and shapes)."""
     path = Path(path)
     meta = read_metadata(path)
     if meta.get("format") != TRAINABLE_FORMAT:
         raise ValueError(f"{path}: not a trainable-tensors file (format {meta.get('format')!r})")
-    saved_cfg = ModelConfig.model_validate_json(meta["model_config"])
     state = load_file(str(path), device="cpu")
     expected = {k: v.shape for k, v in trainable_state(model).items()}
     try:
         check_state_dict(expected, state, source=str(path))
     except StateDictError as exc:
-        if saved_cfg != model.model_cfg:
-            raise StateDictError(f"{exc}\n  (the file was saved from a different model config: {saved_cfg.model_dump()})") from None
-        raise
+        changed = _differences(meta, model)
+        origin = f"the file was saved from another model ({changed})" if changed else "the file was saved by another code version"
+        raise StateDictError(
+            f"{exc}\n  {origin}; load it into a model built like the one that saved it, or train again with the current params"
+        ) from None
     model.load_state_dict(state, strict=False)

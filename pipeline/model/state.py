@@ -10,10 +10,12 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from pipeline.errors import CascadeError
+
 _MAX_LISTED = 40  # keys listed per problem kind before the message says "... and N more"
 
 
-class StateDictError(ValueError):
+class StateDictError(CascadeError, ValueError):
     """A state dict does not match the model it is loaded into; the message lists every problem."""
 
 
