@@ -65,8 +65,13 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.model.tools import bench_inference
+    from pipeline.model.tools import bench_inference, bench_train_step
 
+    if args.bench == "train-step":
+        result = bench_train_step(args.preset, variants=args.variant, image_size=args.image_size, batch_size=args.batch_size,
+                                  runs=args.runs, warmup=args.warmup, device=args.device, threads=args.threads)
+        _print_json(result, args.json)
+        return 0
     result = bench_inference(
         args.preset, variants=args.variant, dtype=args.dtype, image_size=args.image_size,
         runs=args.runs, warmup=args.warmup, batch_size=args.batch_size, device=args.device, threads=args.threads,
@@ -196,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="timed forward passes per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed forward passes first")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the result to FILE")
+    p.set_defaults(func=_cmd_bench)
+    p = bench.add_parser("train-step", help="median time of one training step (forward, loss, backward, AdamW), fp32")
+    p.add_argument("--preset", choices=presets, default="coco")
+    p.add_argument("--variant", nargs="+", choices=variants, default=["cascade"])
+    p.add_argument("--image-size", type=int, default=512, help="crop side in pixels")
+    p.add_argument("--batch-size", type=int, default=1, help="images per step (the paper: 16 over 4 GPUs)")
+    p.add_argument("--runs", type=int, default=3, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the result to FILE")

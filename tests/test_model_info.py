@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.model.tools import bench_inference, model_info
+from pipeline.model.tools import bench_inference, bench_train_step, model_info
 from tests.test_model_common import single_thread  # noqa: F401
 
 
@@ -36,3 +36,12 @@ def test_bench_inference_reports_both_variants_and_their_ratio():
     assert set(result["variants"]) == {"cascade", "zegclip"}
     assert result["cascade_over_zegclip_latency"] > 0
     assert all(v["median_latency_s"] > 0 and v["peak_rss_mb"] > 0 for v in result["variants"].values())
+
+
+def test_bench_train_step_reports_each_variant_at_the_requested_threads():
+    result = bench_train_step("demo", variants=["cascade", "zegclip"], image_size=64, batch_size=2, runs=2, warmup=1, threads=1)
+    assert result["torch_threads"] == 1  # measured at the requested thread count
+    assert set(result["variants"]) == {"cascade", "zegclip"}
+    for row in result["variants"].values():
+        assert row["median_step_s"] > 0 and row["images_per_s"] == pytest.approx(2 / row["median_step_s"], rel=0.01)
+        assert row["classes"] == 16

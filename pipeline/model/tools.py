@@ -15,13 +15,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.model.aggregation import WeightedSum, nga_initial_weights
+from pipeline.config import LossConfig
 from pipeline.model.build import build_model
 from pipeline.model.cascade import CascadeCLIP
+from pipeline.model.loss import segmentation_loss
 from pipeline.model.presets import preset as preset_row
 from pipeline.model.presets import preset_arch, preset_model_config
 from pipeline.model.release import import_release_checkpoint
 
-__all__ = ["model_info", "bench_inference", "import_release_checkpoint", "count_flops"]
+__all__ = ["model_info", "bench_inference", "bench_train_step", "import_release_checkpoint", "count_flops"]
 
 
 def _build_preset(name: str, variant: str, device: str | torch.device = "cpu") -> CascadeCLIP:
@@ -159,3 +161,54 @@ def _bench(preset, variants, dtype, image_size, runs, warmup, batch_size, device
             results["cascade"]["median_latency_s"] / results["zegclip"]["median_latency_s"], 3
         )
     return out
+
+
+def bench_train_step(
+    preset: str,
+    variants: Sequence[str] = ("cascade",),
+    image_size: int = 512,
+    batch_size: int = 1,
+    runs: int = 3,
+    warmup: int = 1,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> dict:
+    """Median time of one full training step (forward, the release's loss, backward, AdamW) of
+    randomly initialised preset models on random images and labels, fp32. The step trains over
+    all the preset's classes, as self-training does (the inductive step sees fewer: a bit faster)."""
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        row = preset_row(preset)
+        results: dict[str, dict] = {}
+        for variant in variants:
+            torch.manual_seed(0)
+            model = _build_preset(preset, variant, "cpu").to(device).train()
+            classes = torch.nn.functional.normalize(torch.randn(row["num_classes"], model.encoder.embed_dim, device=device), dim=-1)
+            images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+            labels = torch.randint(0, row["num_classes"], (batch_size, image_size, image_size), device=device)
+            optimizer = torch.optim.AdamW(model.param_groups(2e-4, 0.01, 10.0), lr=2e-4)
+            times = []
+            for i in range(warmup + runs):
+                _sync(device)
+                start = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                segmentation_loss(model(images, classes), labels, LossConfig()).total.backward()
+                optimizer.step()
+                _sync(device)
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+            step = statistics.median(times)
+            results[variant] = {"median_step_s": round(step, 3), "images_per_s": round(batch_size / step, 3),
+                                "classes": row["num_classes"], "peak_rss_mb": round(_peak_rss_mb(), 1), "runs": runs}
+            del model, optimizer
+        return {"preset": preset, "image_size": image_size, "batch_size": batch_size, "device": device,
+                "torch_threads": torch.get_num_threads(), "variants": results}
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
