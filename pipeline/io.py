@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,29 @@ def atomic_file(target: str | Path, mode: str = "wb") -> Iterator[Any]:
         _raise_if_disk_full(exc, target)
         raise
     os.replace(tmp, target)
+
+
+def write_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """safetensors' save_file, atomic and byte-stable: the same tensors and metadata give the same bytes.
+
+    safetensors writes the header's metadata in hash order, which differs from one call to the
+    next, so identical models gave files with different bytes and DVC hashes. The header is
+    written again with the metadata sorted by key and the tensors in file order.
+    """
+    from safetensors.torch import save
+
+    blob = save(dict(tensors), metadata=dict(metadata) if metadata else None)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))} if "__metadata__" in header else {}
+    ordered |= dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"]))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    with atomic_file(path) as handle:
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        handle.write(memoryview(blob)[8 + size :])
+    return Path(path)
 
 
 def write_json(path: str | Path, data: Any) -> None:

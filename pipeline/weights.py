@@ -29,12 +29,12 @@ from urllib.parse import unquote, urlparse
 import open_clip
 import torch
 from open_clip.model import CLIP
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from pipeline.config import ClipConfig
 from pipeline.errors import CascadeError
-from pipeline.io import atomic_file
+from pipeline.io import atomic_file, write_safetensors
 from pipeline.model.clip import arch_config, create_clip, load_clip_state, named_arch, read_clip_checkpoint
 from pipeline.model.state import StateDictError, check_state_dict
 
@@ -264,7 +264,7 @@ def save_backbone(folder: Path, arch: Mapping, model: CLIP, *, source: str, deta
     state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
              for k, v in model.state_dict().items()}
     weights = folder / WEIGHTS_FILE
-    save_file(state, str(weights), metadata={"format": "pt", "source": source})
+    write_safetensors(state, weights, {"format": "pt", "source": source})
     meta = {
         "format_version": FORMAT_VERSION,
         "source": source,

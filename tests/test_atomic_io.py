@@ -1,6 +1,8 @@
 import pytest
+import torch
+from safetensors import safe_open
 
-from pipeline.io import atomic_dir, atomic_file, sweep_stale, write_json
+from pipeline.io import atomic_dir, atomic_file, sweep_stale, write_json, write_safetensors
 
 
 def test_atomic_dir_appears_only_on_success(tmp_path):
@@ -50,3 +52,18 @@ def test_atomic_file_replaces_only_on_success(tmp_path):
             raise ValueError
     assert path.read_text().strip() == '{\n  "a": 1\n}'
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_safetensors_files_are_byte_stable_and_load_back(tmp_path):
+    # safetensors alone writes its metadata in hash order: ten saves, ten different files
+    tensors = {"b.weight": torch.arange(6.0).view(2, 3), "a.bias": torch.ones(3, dtype=torch.float16), "n": torch.tensor([7])}
+    metadata = {name: name * 3 for name in "fedcba"}
+    paths = [write_safetensors(tensors, tmp_path / f"m{i}.safetensors", metadata) for i in range(10)]
+    assert len({p.read_bytes() for p in paths}) == 1
+    with safe_open(str(paths[0]), framework="pt") as f:
+        assert f.metadata() == metadata
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            assert torch.equal(f.get_tensor(name), tensor) and f.get_tensor(name).dtype == tensor.dtype
+    assert int.from_bytes(paths[0].read_bytes()[:8], "little") % 8 == 0
+    assert not list(tmp_path.glob(".*tmp-*"))

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.config import ModelConfig
+from pipeline.io import write_safetensors
 from pipeline.model.build import build_model
 from pipeline.model.cascade import CascadeCLIP
 from pipeline.model.state import StateDictError, check_state_dict
@@ -40,7 +41,7 @@ def write_model_file(
     """Write a full model file from a state dict (used by `save` and the release importer)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(_tensors(state), str(path), metadata=_metadata(model_cfg, arch, FORMAT, extra))
+    write_safetensors(_tensors(state), path, _metadata(model_cfg, arch, FORMAT, extra))
     return path
 
 
@@ -98,7 +99,7 @@ def save_trainable(model: CascadeCLIP, path: str | Path) -> Path:
     """Write only the trainable tensors (prompts, head, trainable taps) with the model config."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(_tensors(trainable_state(model)), str(path), metadata=_metadata(model.model_cfg, model.arch, TRAINABLE_FORMAT))
+    write_safetensors(_tensors(trainable_state(model)), path, _metadata(model.model_cfg, model.arch, TRAINABLE_FORMAT))
     return path
 
 
