@@ -110,17 +110,17 @@ class ToyClipConfig(Section):
     """text attention heads"""
     context_length: int = Field(24, ge=8)
     """text context length in tokens"""
-    steps: int = Field(300, ge=1)
+    steps: int = Field(600, ge=1)
     """contrastive pretraining steps"""
-    batch_size: int = Field(128, ge=2)
+    batch_size: int = Field(96, ge=2)
     """image-caption pairs per pretraining step"""
     lr: float = Field(2e-3, gt=0)
     """peak AdamW learning rate of the pretraining"""
-    warmup_steps: int = Field(30, ge=0)
+    warmup_steps: int = Field(40, ge=0)
     """linear warm-up steps before cosine decay"""
     n_images: int = Field(4000, ge=16)
     """captioned images generated for pretraining"""
-    single_object_fraction: float = Field(0.8, ge=0, le=1)
+    single_object_fraction: float = Field(1.0, ge=0, le=1)
     """share of pretraining images with one object (one-object captions teach shape fastest)"""
     max_objects: int = Field(3, ge=2)
     """most objects in a multi-object pretraining image (they have 2..max_objects)"""

@@ -160,17 +160,18 @@ def default_toy():
 @pytest.mark.slow
 def test_default_toy_pretraining_learns_far_above_chance(default_toy):
     m = default_toy.metrics
-    # measured at the defaults (seed 0, 2 threads): 0.52 overall, 0.52 seen, 0.50 unseen (chance
-    # 0.0625); triples 0.81 (colour 1.00, shape 0.62): colour is learned first, shape more slowly
-    assert m["zero_shot_acc"] > 0.4 and m["zero_shot_acc_seen"] > 0.35 and m["zero_shot_acc_unseen"] > 0.3, m
-    assert m["compositional_triples"] > 0.7 and m["compositional_triples_colour"] > 0.9, m
+    # measured at the defaults (seed 0, 2 threads): 0.69 overall, 0.67 seen, 0.74 unseen (chance
+    # 0.0625); triples 0.82 (colour 0.91, shape 0.73): colour is learned first, shape more slowly
+    assert m["zero_shot_acc"] > 0.55 and m["zero_shot_acc_seen"] > 0.5 and m["zero_shot_acc_unseen"] > 0.5, m
+    assert m["compositional_triples"] > 0.75 and m["compositional_triples_colour"] > 0.85, m
+    assert m["compositional_triples_shape"] > 0.65, m
     assert m["pretrain_final_loss"] < 0.6 * m["pretrain_initial_loss"]
     assert math.isfinite(m["pretrain_seconds"])
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 4 open: the default toy CLIP reaches 50.6% zero-shot accuracy "
-                   "(shape barely learned); this target is not met yet. strict: remove this mark once it passes")
+@pytest.mark.xfail(strict=True, reason="issue 4 open: the default toy CLIP reaches 68.8% zero-shot accuracy "
+                   "(shape learned more slowly than colour); this target is not met yet. strict: remove this mark once it passes")
 def test_default_toy_pretraining_learns_zero_shot_classification(default_toy):
     m = default_toy.metrics
     assert m["zero_shot_acc"] > 0.8 and m["zero_shot_acc_unseen"] > 0.6, m

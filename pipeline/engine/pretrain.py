@@ -3,8 +3,9 @@
 The toy CLIP (pipeline.model.clip.toy_arch) learns from captioned demo images with open_clip's
 contrastive loss, as real CLIP learned from the web: every one of the 16 colour x shape classes,
 seen and unseen alike, is named in captions ("a photo of a red circle and a blue star").
-Mostly single-object images (captions that name one object teach shape far faster), plus some
-with 2..max_objects objects.
+By default every image holds one object: captions that name one object teach shape far faster
+(`single_object_fraction` below 1 mixes in scenes of 2..max_objects objects; 0.8 cost 5 points
+of zero-shot accuracy at 150 steps).
 
 Deterministic for a seed on CPU: the images come from `scene_rng(seed, "pretrain", i)`, the
 initial weights from `torch.manual_seed(seed)`, the batch order from a numpy generator.
