@@ -104,7 +104,7 @@ def mlflow_run(
         mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
     mlflow.set_experiment(cfg.experiment)
     tags = run_tags(stage, stage_params, all_params, root) | {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
-    close_dead_runs(stage, cfg.experiment)
+    close_dead_runs(cfg.experiment)
     with mlflow.start_run(run_name=stage, tags=tags) as run:
         flat = flatten(logged_params if logged_params is not None else stage_params)
         mlflow.log_params({k: _param_value(v) for k, v in flat.items()})
@@ -115,9 +115,10 @@ def mlflow_run(
             raise
 
 
-def close_dead_runs(stage: str, experiment_name: str) -> list[str]:
-    """Mark KILLED the RUNNING runs of `stage` on this host whose process is gone (kill -9, power
-    loss): MLflow never heard of their end. Returns their run ids."""
+def close_dead_runs(experiment_name: str) -> list[str]:
+    """Mark KILLED the RUNNING runs (of any stage) on this host whose process is gone (kill -9,
+    power loss): MLflow never heard of their end. Any stage's next run does it, since DVC may
+    restore a killed stage's outputs from its cache without running that stage again."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -125,7 +126,7 @@ def close_dead_runs(stage: str, experiment_name: str) -> list[str]:
     experiment = mlflow.get_experiment_by_name(experiment_name)
     runs = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_HOST}` = '{socket.gethostname()}'",
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{socket.gethostname()}'",
     )
     closed = []
     for run in runs:
