@@ -8,7 +8,8 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -111,13 +112,20 @@ def bench_inference(
     Peak RSS is the process's high-water mark after each variant (it only grows). `threads` sets
     torch's CPU threads for the run (None keeps the current setting).
     """
-    previous_threads = torch.get_num_threads()
+    with _torch_threads(threads):
+        return _bench(preset, variants, dtype, image_size, runs, warmup, batch_size, device)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `threads` inside (None keeps them), restored on the way out."""
+    previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _bench(preset, variants, dtype, image_size, runs, warmup, batch_size, device)
+        yield
     finally:
-        torch.set_num_threads(previous_threads)
+        torch.set_num_threads(previous)
 
 
 def _bench(preset, variants, dtype, image_size, runs, warmup, batch_size, device) -> dict:
@@ -176,10 +184,7 @@ def bench_train_step(
     """Median time of one full training step (forward, the release's loss, backward, AdamW) of
     randomly initialised preset models on random images and labels, fp32. The step trains over
     all the preset's classes, as self-training does (the inductive step sees fewer: a bit faster)."""
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with _torch_threads(threads):
         row = preset_row(preset)
         results: dict[str, dict] = {}
         for variant in variants:
@@ -205,8 +210,6 @@ def bench_train_step(
             del model, optimizer
         return {"preset": preset, "image_size": image_size, "batch_size": batch_size, "device": device,
                 "torch_threads": torch.get_num_threads(), "variants": results}
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _sync(device: str) -> None:
