@@ -193,29 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (measured by hand, never in tests)")
     bench = p.add_subparsers(dest="bench", required=True)
-    p = bench.add_parser("inference", help="median latency of randomly initialised preset models, variants side by side")
-    p.add_argument("--preset", choices=presets, default="coco")
-    p.add_argument("--variant", nargs="+", choices=variants, default=["cascade", "zegclip"])
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--image-size", type=int, default=512, help="input side in pixels")
-    p.add_argument("--runs", type=int, default=5, help="timed forward passes per variant")
-    p.add_argument("--warmup", type=int, default=2, help="untimed forward passes first")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the result to FILE")
-    p.set_defaults(func=_cmd_bench)
-    p = bench.add_parser("train-step", help="median time of one training step (forward, loss, backward, AdamW), fp32")
-    p.add_argument("--preset", choices=presets, default="coco")
-    p.add_argument("--variant", nargs="+", choices=variants, default=["cascade"])
-    p.add_argument("--image-size", type=int, default=512, help="crop side in pixels")
-    p.add_argument("--batch-size", type=int, default=1, help="images per step (the paper: 16 over 4 GPUs)")
-    p.add_argument("--runs", type=int, default=3, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the result to FILE")
-    p.set_defaults(func=_cmd_bench)
+    # name, help, default variants, timed unit, default runs / warm-up
+    for name, text, default_variants, unit, runs, warmup in (
+        ("inference", "median latency of randomly initialised preset models, variants side by side",
+         ["cascade", "zegclip"], "forward passes", 5, 2),
+        ("train-step", "median time of one training step (forward, loss, backward, AdamW), fp32", ["cascade"], "steps", 3, 1),
+    ):
+        p = bench.add_parser(name, help=text)
+        p.add_argument("--preset", choices=presets, default="coco")
+        p.add_argument("--variant", nargs="+", choices=variants, default=default_variants)
+        if name == "inference":
+            p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+        p.add_argument("--image-size", type=int, default=512, help="input side in pixels")
+        p.add_argument("--runs", type=int, default=runs, help=f"timed {unit} per variant")
+        p.add_argument("--warmup", type=int, default=warmup, help=f"untimed {unit} first")
+        p.add_argument("--batch-size", type=int, default=1, help="images per forward pass or step")
+        p.add_argument("--device", default="cpu", help="torch device")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+        p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the result to FILE")
+        p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("import-checkpoint", help="convert an authors' release checkpoint (mmseg .pth) to our model file")
     p.add_argument("src", type=Path, help="release checkpoint, e.g. iter_80000.pth")
