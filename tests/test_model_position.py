@@ -1,7 +1,11 @@
+import pytest
 import torch
+import torch.nn.functional as F
 
+from pipeline.model.build import build_model
+from pipeline.model.clip import create_clip
 from pipeline.model.image_encoder import resize_position_embedding
-from tests.test_model_common import class_embeddings, images, single_thread, tiny_model  # noqa: F401
+from tests.test_model_common import class_embeddings, images, single_thread, tiny_arch, tiny_cfg, tiny_model  # noqa: F401
 
 
 def test_position_embedding_is_resized_to_the_configured_grid_at_build():
@@ -46,3 +50,24 @@ def test_release_double_cls_changes_only_the_cls_path():
     with torch.no_grad():
         f1, f2 = single.encoder(x), double.encoder(x)
     assert not torch.allclose(f1.global_embedding, f2.global_embedding)
+
+
+@pytest.mark.parametrize("pool", ["tok", "avg"])
+def test_global_embedding_is_clips_own_image_embedding(pool):
+    # without prompts the encoder's g is CLIP's encode_image, for class-token and average pooling
+    arch = tiny_arch()
+    arch["vision_cfg"]["pool_type"] = pool
+    torch.manual_seed(0)
+    clip = create_clip(arch).eval()
+    model = build_model(tiny_cfg(variant="frozen"), arch, clip.state_dict()).eval()
+    x = images(2, 32)
+    with torch.no_grad():
+        expected = F.normalize(clip.encode_image(x), dim=-1)
+        assert torch.allclose(model.encoder(x).global_embedding, expected, atol=1e-5)
+
+
+def test_pooling_open_clip_applies_differently_is_refused():
+    arch = tiny_arch()
+    arch["vision_cfg"] |= {"pool_type": "avg", "final_ln_after_pool": True}
+    with pytest.raises(ValueError, match="final_ln_after_pool=True"):
+        tiny_model(arch=arch)

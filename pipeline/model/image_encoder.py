@@ -73,6 +73,11 @@ class PromptedVisionEncoder(nn.Module):
         super().__init__()
         if not isinstance(visual, VisionTransformer) or getattr(visual, "attn_pool", None) is not None:
             raise ValueError("the visual tower must be an open_clip VisionTransformer without attentional pooling")
+        if visual.pool_type not in ("tok", "avg") or (visual.pool_type == "avg" and visual.final_ln_after_pool):
+            raise ValueError(
+                f"the visual tower pools with {visual.pool_type!r} (final_ln_after_pool={visual.final_ln_after_pool}); "
+                "supported: the class token ('tok') or the average of patch tokens ('avg') with ln_post before pooling"
+            )
         if tap_init not in ("random", "clip"):
             raise ValueError(f"tap_init must be 'random' or 'clip', got {tap_init!r}")
         depth = len(visual.transformer.resblocks)
@@ -84,6 +89,7 @@ class PromptedVisionEncoder(nn.Module):
         self.width = width
         self.embed_dim = embed_dim
         self.release_double_cls = release_double_cls
+        self.pool_type = visual.pool_type
         # CLIP's weights
         self.conv1 = visual.conv1
         self.class_embedding = visual.class_embedding
@@ -162,7 +168,8 @@ class PromptedVisionEncoder(nn.Module):
         # last block: prompt norm, ln_post, CLIP's projection
         x = self.ln_post(self._prompt_norm(torch.cat([x[:, :1], x[:, -h * w :]], dim=1))) @ self.proj
         taps[self.depth] = F.normalize(x[:, 1:], dim=-1)
-        return VisualFeatures(blocks=taps, global_embedding=F.normalize(x[:, 0], dim=-1), grid=(h, w))
+        pooled = x[:, 1:].mean(dim=1) if self.pool_type == "avg" else x[:, 0]
+        return VisualFeatures(blocks=taps, global_embedding=F.normalize(pooled, dim=-1), grid=(h, w))
 
     def _prompt_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.prompts.norm(x) if self.prompts is not None else x
