@@ -273,7 +273,7 @@ class TrainConfig(Section):
     """images per step per process"""
     grad_accum: int = Field(1, ge=1)
     """micro-batches accumulated per optimiser step"""
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
     """base AdamW learning rate (2e-5 in the paper at batch 16)"""
     lr_mult: float = Field(10.0, gt=0)
     """learning-rate multiplier of prompts and decode head"""

@@ -28,7 +28,7 @@ def test_dvc_repro_runs_then_does_nothing(tmp_path):
     assert (repo / "dvc.lock").exists()
     assert json.loads((repo / "data/prepare_metrics.json").read_text())["images_train"] == 16
     metrics = json.loads((repo / "artifacts/metrics.json").read_text())
-    for setting in ("inductive", "self_train", "control_no_transfer"):
+    for setting in ("inductive", "inductive_uncalibrated", "self_train", "control_no_transfer"):
         assert {"mIoU_seen", "mIoU_unseen", "hIoU"} <= set(metrics[setting])
     assert (repo / "artifacts/eval/inductive_overlays.png").exists()
     assert (repo / "artifacts/train/model_half.safetensors").exists()

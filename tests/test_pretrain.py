@@ -165,13 +165,16 @@ def test_default_toy_pretraining_learns_far_above_chance(default_toy):
     assert m["zero_shot_acc"] > 0.55 and m["zero_shot_acc_seen"] > 0.5 and m["zero_shot_acc_unseen"] > 0.5, m
     assert m["compositional_triples"] > 0.75 and m["compositional_triples_colour"] > 0.85, m
     assert m["compositional_triples_shape"] > 0.65, m
+    # issue 4's example: "red circle" nearer "red square" and "blue circle" than "green star"
+    assert m["cos/red_circle/red_square"] > m["cos/red_circle/green_star"], m
+    assert m["cos/red_circle/blue_circle"] > m["cos/red_circle/green_star"], m
     assert m["pretrain_final_loss"] < 0.6 * m["pretrain_initial_loss"]
     assert math.isfinite(m["pretrain_seconds"])
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 4 open: the default toy CLIP reaches 68.8% zero-shot accuracy "
-                   "(shape learned more slowly than colour); this target is not met yet. strict: remove this mark once it passes")
+@pytest.mark.xfail(strict=True, reason="the default toy CLIP reaches 68.8% zero-shot accuracy (shape learned more slowly than "
+                   "colour), short of DESIGN.md's 96% for a similar setup; strict: remove this mark once it passes")
 def test_default_toy_pretraining_learns_zero_shot_classification(default_toy):
     m = default_toy.metrics
     assert m["zero_shot_acc"] > 0.8 and m["zero_shot_acc_unseen"] > 0.6, m
