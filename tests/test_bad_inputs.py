@@ -342,3 +342,12 @@ def test_stage_running_out_of_disk_space_prints_one_clear_error(tmp_path, monkey
     assert run_stage("demo", main, (), ["--params", str(write_params(tmp_path, {}))]) == 1
     err = capsys.readouterr().err
     assert "error [demo]: disk full (no space left on device) while writing an output; free space and re-run the stage" in err
+
+
+def test_stage_run_by_a_python_without_the_project_packages_says_how_to_fix_it():
+    # what `dvc repro` does when the shell's python is not .venv's: name the problem and the fix
+    code = "import sys; sys.modules['open_clip'] = None; import stages"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "has no open_clip: this Python is not the project's environment" in result.stderr
+    assert "source .venv/bin/activate" in result.stderr
