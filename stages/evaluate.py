@@ -96,11 +96,10 @@ def main(ctx: StageContext) -> None:
         calibration = p.evaluate.calibration if calibrated and classes.seen_ids else 0.0
         results[name] = evaluate(model, class_embeddings, root, classes, cfg=p.evaluate, normalize=normalize,
                                  calibration=calibration, keep_samples=p.evaluate.n_overlays)
-        if name == "inductive" and calibration:
-            # the same model without calibration: how much of its seen/unseen balance the 0.1 moves
-            results["inductive_uncalibrated"] = evaluate(model, class_embeddings, root, classes, cfg=p.evaluate,
-                                                         normalize=normalize, calibration=0.0, progress=False)
         if name == "inductive":
+            if calibration:  # the same model without calibration: how much of its seen/unseen balance it moves
+                results["inductive_uncalibrated"] = evaluate(model, class_embeddings, root, classes, cfg=p.evaluate,
+                                                             normalize=normalize, calibration=0.0, progress=False)
             control = random_unit_embeddings(class_embeddings, classes.unseen_ids, seed=p.seed)
             results["control_no_transfer"] = evaluate(model, control, root, classes, cfg=p.evaluate, normalize=normalize,
                                                       calibration=calibration, progress=False)
