@@ -94,15 +94,17 @@ def main(ctx: StageContext) -> None:
         model = load(ctx.path(model_file), map_location=device)
         class_embeddings = embeddings if embeddings is not None else cross_embeddings(model, classes)
         calibration = p.evaluate.calibration if calibrated and classes.seen_ids else 0.0
-        results[name] = evaluate(model, class_embeddings, root, classes, cfg=p.evaluate, normalize=normalize,
-                                 calibration=calibration, keep_samples=p.evaluate.n_overlays)
+        # a calibrated model is also scored without calibration (same pass): what the calibration moves
+        scored = evaluate(model, class_embeddings, root, classes, cfg=p.evaluate, normalize=normalize,
+                          calibrations=(calibration, 0.0) if calibration else (calibration,),
+                          keep_samples=p.evaluate.n_overlays)
+        results[name] = scored[0]
+        if len(scored) > 1:
+            results[f"{name}_uncalibrated"] = replace(scored[1], samples=[])
         if name == "inductive":
-            if calibration:  # the same model without calibration: how much of its seen/unseen balance it moves
-                results["inductive_uncalibrated"] = evaluate(model, class_embeddings, root, classes, cfg=p.evaluate,
-                                                             normalize=normalize, calibration=0.0, progress=False)
             control = random_unit_embeddings(class_embeddings, classes.unseen_ids, seed=p.seed)
-            results["control_no_transfer"] = evaluate(model, control, root, classes, cfg=p.evaluate, normalize=normalize,
-                                                      calibration=calibration, progress=False)
+            [results["control_no_transfer"]] = evaluate(model, control, root, classes, cfg=p.evaluate, normalize=normalize,
+                                                        calibrations=(calibration,), progress=False)
     metrics = {name: {k: (None if np.isnan(v) else v) for k, v in result.metrics.items()} for name, result in results.items()}
     with atomic_dir(ctx.path(OUT)) as tmp:
         pq.write_table(iou_table(classes, results), tmp / "per_class_iou.parquet")

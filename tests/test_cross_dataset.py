@@ -32,7 +32,7 @@ def test_voc_val_is_prepared_once_and_scored_with_all_its_classes(tmp_path):
     embeddings = cross_embeddings(model, classes)
     assert embeddings.shape == (20, 32)
     assert np.allclose(embeddings.norm(dim=-1).numpy(), 1.0, atol=1e-5)
-    result = evaluate(model, embeddings, root, classes, cfg=params.evaluate, normalize=normalizer("imagenet"),
-                      calibration=0.0, progress=False)
+    [result] = evaluate(model, embeddings, root, classes, cfg=params.evaluate, normalize=normalizer("imagenet"),
+                        progress=False)
     assert result.confusion.shape == (20, 20) and result.confusion.sum() > 0
     assert not np.isnan(result.metrics["mIoU"]) and np.isnan(result.metrics["mIoU_seen"])

@@ -3,6 +3,7 @@ confusion matrix over all classes, seen/unseen/hIoU."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,8 @@ def predict_image(
     *,
     cfg: EvaluateConfig,
     normalize: Normalize,
-    seen: torch.Tensor | None = None,
-    calibration: float = 0.0,
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """(label map [H, W] int64 at the image's size, scores [C, H, W]) for one RGB uint8 image."""
+    """(label map [H, W] int64 at the image's size, sigmoid scores [C, H, W]) for one RGB uint8 image."""
     device = next(model.parameters()).device
     height, width = image.shape[:2]
     resized, _ = resize_pair(image, None, eval_size(height, width, cfg.short_side, cfg.max_long_side))
@@ -52,7 +51,7 @@ def predict_image(
         model_logits_fn(model, class_embeddings.to(device)), tensor, num_classes=class_embeddings.shape[0],
         mode=cfg.mode, crop=cfg.crop_size, stride=cfg.stride, out_size=(height, width),
     )
-    scores = scores_from_logits(logits, seen_mask=seen.to(device) if seen is not None else None, calibration=calibration)[0]
+    scores = scores_from_logits(logits)[0]
     return scores.argmax(0).cpu().numpy(), scores.cpu()
 
 
@@ -65,25 +64,30 @@ def evaluate(
     *,
     cfg: EvaluateConfig,
     normalize: Normalize,
-    calibration: float,
+    calibrations: Sequence[float] = (0.0,),
     split: str = "val",
     keep_samples: int = 0,
     progress: bool = True,
-) -> EvalResult:
-    """Evaluate on every image of `split`; calibration is subtracted from seen-class scores."""
+) -> list[EvalResult]:
+    """Evaluate on every image of `split`: one result per calibration (subtracted from seen-class
+    scores), all from one inference pass."""
     model.eval()
     seen = torch.zeros(classes.num_classes, dtype=torch.bool)
     seen[classes.seen_ids] = True
-    cm = np.zeros((classes.num_classes, classes.num_classes), dtype=np.int64)
-    samples = []
+    shift = seen.float()[:, None, None]
+    cms = [np.zeros((classes.num_classes, classes.num_classes), dtype=np.int64) for _ in calibrations]
+    samples: list[list[dict]] = [[] for _ in calibrations]
     rows = read_manifest(root, split)
     for row in tqdm(rows, desc=f"evaluating {split}", unit="img", disable=not progress):
         image, label = read_image(root / row["image"]), read_label(root / row["label"])
-        pred, _ = predict_image(model, image, class_embeddings, cfg=cfg, normalize=normalize, seen=seen, calibration=calibration)
-        cm += confusion_matrix(pred, label, classes.num_classes)
-        if len(samples) < keep_samples:
-            samples.append({"id": row["id"], "image": image, "label": label, "prediction": pred.astype(np.uint8)})
-    return EvalResult(metrics=summarize(cm, classes.seen_ids, classes.unseen_ids), confusion=cm, iou=iou_per_class(cm), samples=samples)
+        _, scores = predict_image(model, image, class_embeddings, cfg=cfg, normalize=normalize)
+        for cm, kept, calibration in zip(cms, samples, calibrations):
+            pred = (scores - calibration * shift).argmax(0).numpy()
+            cm += confusion_matrix(pred, label, classes.num_classes)
+            if len(kept) < keep_samples:
+                kept.append({"id": row["id"], "image": image, "label": label, "prediction": pred.astype(np.uint8)})
+    return [EvalResult(metrics=summarize(cm, classes.seen_ids, classes.unseen_ids), confusion=cm, iou=iou_per_class(cm), samples=kept)
+            for cm, kept in zip(cms, samples)]
 
 
 def random_unit_embeddings(like: torch.Tensor, rows: list[int], seed: int) -> torch.Tensor:
