@@ -49,6 +49,8 @@ class DemoConfig(Section):
     """smallest object size, as a fraction of the image side"""
     max_object_size: float = Field(0.42, gt=0, le=1)
     """largest object size, as a fraction of the image side"""
+    rotation: float = Field(0.0, ge=0, le=360)
+    """range in degrees of each object's random turn around upright (0 = upright, 360 = any orientation); the toy CLIP is pretrained on the same world"""
     workers: int = Field(2, ge=1)
     """processes drawing images in parallel"""
 
@@ -110,6 +112,8 @@ class ToyClipConfig(Section):
     """text attention heads"""
     context_length: int = Field(24, ge=8)
     """text context length in tokens"""
+    pool: Literal["avg", "tok"] = "avg"
+    """image embedding: avg = mean of the patch tokens (teaches patch tokens the object's shape), tok = the class token as OpenAI's CLIP"""
     steps: int = Field(600, ge=1)
     """contrastive pretraining steps"""
     batch_size: int = Field(96, ge=2)

@@ -29,7 +29,10 @@ def main(ctx: StageContext) -> None:
     clip = rooted(ctx.params.clip, ctx)
     with atomic_dir(ctx.path(OUT)) as tmp:
         if clip.source == "toy":
-            toy = pretrain_toy_clip(clip.toy, ctx.params.seed)
+            rotation = ctx.params.dataset.demo.rotation  # the demo world the toy CLIP learns
+            if ctx.run is not None:
+                mlflow.log_param("dataset.demo.rotation", rotation)
+            toy = pretrain_toy_clip(clip.toy, ctx.params.seed, rotation=rotation)
             meta = save_backbone(tmp, toy.arch, toy.model, source="toy", details={"pretraining": toy.summary})
             curve, checks = toy.result.curve, toy.metrics
         else:

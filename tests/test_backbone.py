@@ -262,10 +262,14 @@ def run_backbone(*argv):
 
 
 def test_stage_toy_source_writes_weights_metrics_curve_and_a_run(project, mlflow_uri):
+    params = tiny_params()
+    params["dataset"]["demo"]["rotation"] = 90.0
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert run_backbone() == 0
     arch, state, meta = load_backbone(project / "artifacts/backbone")
     assert meta["source"] == "toy" and arch["vision_cfg"]["layers"] == 2
     assert meta["pretraining"]["metrics"]["zero_shot_chance"] == pytest.approx(1 / 16)
+    assert meta["pretraining"]["world_rotation"] == 90.0  # dataset.demo.rotation: the world it learned
     assert (project / "artifacts/backbone/stage_params.yaml").exists()
     metrics = json.loads((project / backbone_stage.METRICS).read_text())
     for key in ("zero_shot_acc", "zero_shot_acc_seen", "zero_shot_acc_unseen", "compositional_triples",
@@ -279,6 +283,7 @@ def test_stage_toy_source_writes_weights_metrics_curve_and_a_run(project, mlflow
     assert run.data.tags["clip.sha256"] == meta["sha256"]
     assert run.data.params["clip.source"] == "toy" and run.data.params["clip.toy.steps"] == "6"
     assert "text.batch_size" not in run.data.params and "dataset.name" not in run.data.params
+    assert run.data.params["dataset.demo.rotation"] == "90.0"  # the one dataset param it reads
     assert run.data.metrics["zero_shot_acc"] == metrics["zero_shot_acc"]
     history = client.get_metric_history(run.info.run_id, "pretrain_loss")
     assert sorted(m.step for m in history) == list(range(1, 7))

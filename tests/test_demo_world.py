@@ -50,6 +50,35 @@ def test_shapes_differ_in_area_as_expected():
     assert areas["circle"] > areas["square"] > areas["triangle"] > areas["star"] > 0
 
 
+def square_fill(scene, class_id):
+    """Share of the object's bounding box its pixels cover: 1 for an axis-aligned square, 0.5 at 45 degrees."""
+    rows, cols = np.nonzero(scene.label == class_id)
+    return rows.size / ((np.ptp(rows) + 1) * (np.ptp(cols) + 1))
+
+
+def test_rotation_zero_draws_upright_objects_and_360_any_orientation():
+    red_square, red_triangle = DEMO.classes.index("red square"), DEMO.classes.index("red triangle")
+    kw = dict(size=96, n_objects=1, min_size=0.4, max_size=0.4)
+    upright, turned = ShapesWorld(DEMO, rotation=0), ShapesWorld(DEMO, rotation=360)
+    fills = {name: [square_fill(world.draw(scene_rng(0, "train", i), class_ids=[red_square], **kw), red_square)
+                    for i in range(20)] for name, world in (("upright", upright), ("turned", turned))}
+    assert min(fills["upright"]) > 0.95  # every square axis-aligned
+    assert np.mean(fills["turned"]) < 0.8 and min(fills["turned"]) < 0.6  # some near 45 degrees
+    # an upright triangle points up: its top half holds fewer pixels than its bottom half
+    for i in range(10):
+        mask = upright.draw(scene_rng(1, "train", i), class_ids=[red_triangle], **kw).label == red_triangle
+        rows = np.nonzero(mask)[0]
+        middle = (rows.min() + rows.max()) / 2
+        assert (rows < middle).sum() < (rows > middle).sum() / 2
+
+
+def test_rotation_outside_0_to_360_is_refused():
+    with pytest.raises(ValueError, match="between 0 and 360"):
+        ShapesWorld(DEMO, rotation=400)
+    with pytest.raises(ValueError, match="rotation"):
+        DemoConfig(rotation=-5)
+
+
 def test_unseen_split_is_a_latin_square_keeping_every_colour_and_shape_seen():
     unseen = DEMO.unseen()
     assert len(unseen) == 4

@@ -132,7 +132,7 @@ def prepare_demo(cfg: DatasetConfig, seed: int, root: Path, *, progress: bool = 
     """Draw the demo world into `root` (which must exist and be empty). Returns summary counts."""
     entry = get_dataset("demo")
     classes = ClassInfo.from_catalog(entry, cfg.unseen_split)
-    world = ShapesWorld(entry)
+    world = ShapesWorld(entry, rotation=cfg.demo.rotation)
     demo = cfg.demo.model_dump()
     for split in ("train", "val"):
         (root / "images" / split).mkdir(parents=True)

@@ -17,6 +17,9 @@ from pipeline.config import IGNORE_INDEX
 from pipeline.data.catalog import DatasetEntry
 
 SPLIT_CODES = {"train": 0, "val": 1, "pretrain": 2, "holdout": 3}
+# orientation (radians) at which each shape stands upright: squares axis-aligned, triangles and
+# stars with a point up; objects turn around it by at most half the world's rotation range
+UPRIGHT = {"circle": 0.0, "square": -math.pi / 4, "triangle": -math.pi / 2, "star": -math.pi / 2, "cross": 0.0}
 MAX_OVERLAP = 0.3  # a new object may cover at most this share of its own area already taken
 PLACEMENT_TRIES = 20
 
@@ -39,9 +42,16 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 class ShapesWorld:
-    """Draws scenes of the demo dataset described by a catalog entry (its colours and shapes)."""
+    """Draws scenes of the demo dataset described by a catalog entry (its colours and shapes).
 
-    def __init__(self, entry: DatasetEntry):
+    `rotation` is the range, in degrees, of the random turn of each object around its upright
+    orientation: 0 draws every object upright, 360 in any orientation.
+    """
+
+    def __init__(self, entry: DatasetEntry, rotation: float = 0.0):
+        if not 0 <= rotation <= 360:
+            raise ValueError(f"rotation must be a range in degrees between 0 and 360, got {rotation}")
+        self.rotation = math.radians(rotation)
         self.classes = entry.classes
         self.colours: dict[str, tuple[int, int, int]] = {k: tuple(v) for k, v in entry.extra["colours"].items()}
         self.shapes: list[str] = list(entry.extra["shapes"])
@@ -97,7 +107,8 @@ class ShapesWorld:
             extent = rng.uniform(min_size, max_size) * size
             radius = extent / 2
             centre = rng.uniform(radius, size - radius, 2)
-            angle = rng.uniform(0, 2 * math.pi)
+            turn = rng.uniform(-0.5, 0.5)
+            angle = UPRIGHT[shape] + turn * self.rotation
             rows, cols = _SHAPE_DRAWERS[shape](centre, radius, angle, size)
             if rows.size == 0:
                 continue

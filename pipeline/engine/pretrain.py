@@ -264,21 +264,25 @@ class ToyClip:
     model: CLIP  # pretrained, eval mode
     result: PretrainResult
     metrics: dict[str, float]  # zero-shot accuracy, compositionality, loss and time figures
+    rotation: float = 0.0  # the demo world's object rotation range (degrees) it was pretrained on
 
     @property
     def summary(self) -> dict:
         """What clip.json records about the pretraining."""
-        return {"metrics": self.metrics, "images_per_class": self.result.images_per_class}
+        return {"metrics": self.metrics, "images_per_class": self.result.images_per_class, "world_rotation": self.rotation}
 
 
-def pretrain_toy_clip(toy: ToyClipConfig, seed: int, *, progress: bool = True) -> ToyClip:
+def pretrain_toy_clip(toy: ToyClipConfig, seed: int, *, rotation: float = 0.0, progress: bool = True) -> ToyClip:
     """Draw the captioned demo images, pretrain the toy CLIP on them, and check what it learned.
+
+    `rotation` is the demo world's object rotation range in degrees (`dataset.demo.rotation`):
+    the toy CLIP learns the world the segmentation stages later see.
 
     The checks use the demo catalog: its class names, its prompt templates and its default unseen
     split (for the seen/unseen break-down of the zero-shot accuracy).
     """
     entry = get_dataset("demo")
-    world = ShapesWorld(entry)
+    world = ShapesWorld(entry, rotation=rotation)
     arch = toy_arch(toy)
     threads = torch.get_num_threads()
     if toy.threads:
@@ -302,4 +306,4 @@ def pretrain_toy_clip(toy: ToyClipConfig, seed: int, *, progress: bool = True) -
         "pretrain_final_loss": result.final_loss,
         "pretrain_seconds": result.seconds,
     }
-    return ToyClip(arch=arch, model=model, result=result, metrics=metrics)
+    return ToyClip(arch=arch, model=model, result=result, metrics=metrics, rotation=rotation)

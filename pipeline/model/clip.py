@@ -38,6 +38,7 @@ def toy_arch(toy: ToyClipConfig) -> dict:
             "width": toy.width,
             "patch_size": toy.patch_size,
             "head_width": toy.head_width,
+            "pool_type": toy.pool,
         },
         "text_cfg": {
             "context_length": toy.context_length,
