@@ -112,8 +112,8 @@ class ToyClipConfig(Section):
     """text attention heads"""
     context_length: int = Field(24, ge=8)
     """text context length in tokens"""
-    pool: Literal["avg", "tok"] = "avg"
-    """image embedding: avg = mean of the patch tokens (teaches patch tokens the object's shape), tok = the class token as OpenAI's CLIP"""
+    pool: Literal["tok", "avg"] = "tok"
+    """image embedding (open_clip pool_type): tok = the class token, as OpenAI's CLIP; avg = the mean of the patch tokens"""
     steps: int = Field(600, ge=1)
     """contrastive pretraining steps"""
     batch_size: int = Field(96, ge=2)

@@ -20,7 +20,7 @@ def _same_weights(model, state):
 def test_toy_arch_config_from_toy_clip_config():
     arch = arch_config(ClipConfig())
     assert arch["vision_cfg"] == {"image_size": 64, "layers": 12, "width": 64, "patch_size": 8, "head_width": 32,
-                                  "pool_type": "avg"}
+                                  "pool_type": "tok"}
     assert arch["text_cfg"] == {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 4}
     assert arch["quick_gelu"] is True and arch["embed_dim"] == 64
 
