@@ -149,7 +149,7 @@ def _bench(preset, variants, dtype, image_size, runs, warmup, batch_size, device
                     times.append(time.perf_counter() - start)
         latency = statistics.median(times)
         results[variant] = {
-            "median_latency_s": round(latency, 4),
+            "median_latency_s": _significant(latency),
             "images_per_s": round(batch_size / latency, 3),
             "peak_rss_mb": round(_peak_rss_mb(), 1),
             "runs": runs,
@@ -205,11 +205,17 @@ def bench_train_step(
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
             step = statistics.median(times)
-            results[variant] = {"median_step_s": round(step, 3), "images_per_s": round(batch_size / step, 3),
+            results[variant] = {"median_step_s": _significant(step), "images_per_s": round(batch_size / step, 3),
                                 "classes": row["num_classes"], "peak_rss_mb": round(_peak_rss_mb(), 1), "runs": runs}
             del model, optimizer
         return {"preset": preset, "image_size": image_size, "batch_size": batch_size, "device": device,
                 "torch_threads": torch.get_num_threads(), "variants": results}
+
+
+def _significant(seconds: float, digits: int = 4) -> float:
+    """A time rounded to `digits` significant figures: a fixed number of decimals would turn a
+    32.48 ms step into 0.032 s, 1.5% off the throughput reported beside it."""
+    return float(f"{seconds:.{digits}g}")
 
 
 def _sync(device: str) -> None:
