@@ -43,11 +43,11 @@ class DemoConfig(Section):
     """side of the square demo images, in pixels"""
     min_objects: int = Field(1, ge=1)
     """fewest objects drawn in one image"""
-    max_objects: int = Field(4, ge=1)
+    max_objects: int = Field(3, ge=1)
     """most objects drawn in one image"""
-    min_object_size: float = Field(0.22, gt=0, le=1)
+    min_object_size: float = Field(0.3, gt=0, le=1)
     """smallest object size, as a fraction of the image side"""
-    max_object_size: float = Field(0.42, gt=0, le=1)
+    max_object_size: float = Field(0.5, gt=0, le=1)
     """largest object size, as a fraction of the image side"""
     rotation: float = Field(0.0, ge=0, le=360)
     """range in degrees of each object's random turn around upright (0 = upright, 360 = any orientation); the toy CLIP is pretrained on the same world"""
@@ -346,9 +346,9 @@ class SelfTrainConfig(Section):
 class EvaluateConfig(Section):
     mode: Literal["slide", "whole"] = "slide"
     """sliding-window or whole-image inference"""
-    short_side: int = Field(96, ge=16)
-    """test images are resized so their short side is this (512 in the paper)"""
-    max_long_side: int = Field(384, ge=16)
+    short_side: int = Field(144, ge=16)
+    """test images are resized so their short side is this (512 in the paper, enlarging most VOC images; the demo enlarges its 96-pixel images 1.5x)"""
+    max_long_side: int = Field(576, ge=16)
     """upper bound of the long side after resizing (2048 in the paper)"""
     crop_size: int = Field(96, ge=16)
     """sliding-window side (512 in the paper)"""
