@@ -3,7 +3,7 @@ confusion matrix over all classes, seen/unseen/hIoU."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,41 @@ def model_logits_fn(model: CascadeCLIP, class_embeddings: torch.Tensor):
 
 
 @torch.no_grad()
+def predict_batch(
+    model: CascadeCLIP,
+    images: Sequence[np.ndarray],
+    class_embeddings: torch.Tensor,
+    *,
+    cfg: EvaluateConfig,
+    normalize: Normalize,
+) -> list[torch.Tensor]:
+    """Sigmoid scores [C, H, W] at each RGB uint8 image's own size, in input order.
+
+    Images whose test-time size is the same run as one batch (one forward per sliding window for
+    all of them); images of other sizes in their own batches.
+    """
+    device = next(model.parameters()).device
+    embeddings = class_embeddings.to(device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    resized = []
+    for index, image in enumerate(images):
+        picture, _ = resize_pair(image, None, eval_size(*image.shape[:2], cfg.short_side, cfg.max_long_side))
+        resized.append(picture)
+        groups.setdefault(picture.shape[:2], []).append(index)
+    out: list[torch.Tensor | None] = [None] * len(images)
+    for members in groups.values():
+        batch = torch.from_numpy(np.stack([normalize(resized[i]) for i in members])).to(device)
+        logits = segment_logits(model_logits_fn(model, embeddings), batch, num_classes=embeddings.shape[0],
+                                mode=cfg.mode, crop=cfg.crop_size, stride=cfg.stride)
+        for row, index in enumerate(members):
+            size = images[index].shape[:2]
+            single = logits[row : row + 1]
+            if tuple(single.shape[-2:]) != tuple(size):
+                single = F.interpolate(single, size=size, mode="bilinear", align_corners=False)
+            out[index] = scores_from_logits(single)[0].cpu()
+    return out
+
+
 def predict_image(
     model: CascadeCLIP,
     image: np.ndarray,
@@ -43,16 +78,30 @@ def predict_image(
     normalize: Normalize,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """(label map [H, W] int64 at the image's size, sigmoid scores [C, H, W]) for one RGB uint8 image."""
-    device = next(model.parameters()).device
-    height, width = image.shape[:2]
-    resized, _ = resize_pair(image, None, eval_size(height, width, cfg.short_side, cfg.max_long_side))
-    tensor = torch.from_numpy(normalize(resized))[None].to(device)
-    logits = segment_logits(
-        model_logits_fn(model, class_embeddings.to(device)), tensor, num_classes=class_embeddings.shape[0],
-        mode=cfg.mode, crop=cfg.crop_size, stride=cfg.stride, out_size=(height, width),
-    )
-    scores = scores_from_logits(logits)[0]
-    return scores.argmax(0).cpu().numpy(), scores.cpu()
+    [scores] = predict_batch(model, [image], class_embeddings, cfg=cfg, normalize=normalize)
+    return scores.argmax(0).numpy(), scores
+
+
+def predict_split(
+    model: CascadeCLIP,
+    class_embeddings: torch.Tensor,
+    root: Path,
+    rows: Sequence[dict],
+    *,
+    cfg: EvaluateConfig,
+    normalize: Normalize,
+    desc: str,
+    progress: bool = True,
+) -> Iterator[tuple[dict, np.ndarray, np.ndarray, torch.Tensor]]:
+    """(manifest row, image, label, scores [C, H, W]) for every row, predicted `cfg.batch_size` images at a time."""
+    with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, len(rows), cfg.batch_size):
+            chunk = rows[start : start + cfg.batch_size]
+            images = [read_image(root / row["image"]) for row in chunk]
+            labels = [read_label(root / row["label"]) for row in chunk]
+            scores = predict_batch(model, images, class_embeddings, cfg=cfg, normalize=normalize)
+            yield from zip(chunk, images, labels, scores)
+            bar.update(len(chunk))
 
 
 @torch.no_grad()
@@ -78,9 +127,8 @@ def evaluate(
     cms = [np.zeros((classes.num_classes, classes.num_classes), dtype=np.int64) for _ in calibrations]
     samples: list[list[dict]] = [[] for _ in calibrations]
     rows = read_manifest(root, split)
-    for row in tqdm(rows, desc=f"evaluating {split}", unit="img", disable=not progress):
-        image, label = read_image(root / row["image"]), read_label(root / row["label"])
-        _, scores = predict_image(model, image, class_embeddings, cfg=cfg, normalize=normalize)
+    for row, image, label, scores in predict_split(model, class_embeddings, root, rows, cfg=cfg, normalize=normalize,
+                                                   desc=f"evaluating {split}", progress=progress):
         for cm, kept, calibration in zip(cms, samples, calibrations):
             pred = (scores - calibration * shift).argmax(0).numpy()
             cm += confusion_matrix(pred, label, classes.num_classes)

@@ -118,19 +118,17 @@ def generate(
     from pathlib import Path
 
     from PIL import Image
-    from tqdm import tqdm
 
-    from pipeline.data.dataset import read_image, read_label
     from pipeline.data.prepared import read_manifest
-    from pipeline.engine.evaluate import predict_image
+    from pipeline.engine.evaluate import predict_split
 
     model.eval()
     out = Path(out)
     stats: dict = {}
     samples = []
-    for row in tqdm(read_manifest(root, "train"), desc="pseudo-labelling", unit="img", disable=not progress):
-        image, truth = read_image(root / row["image"]), read_label(root / row["label"])
-        _, scores = predict_image(model, image, class_embeddings, cfg=cfg, normalize=normalize)
+    rows = read_manifest(root, "train")
+    for row, image, truth, scores in predict_split(model, class_embeddings, Path(root), rows, cfg=cfg, normalize=normalize,
+                                                   desc="pseudo-labelling", progress=progress):
         labels, confidence = pseudo_labels(scores[None], torch.from_numpy(truth.astype(np.int64))[None],
                                            seen_ids=classes.seen_ids, unseen_ids=classes.unseen_ids, threshold=threshold)
         labels = labels[0].numpy().astype(np.uint8)

@@ -1,0 +1,55 @@
+"""Evaluation speed at evaluate.batch_size 1 against larger batches, side by side in one process.
+
+    python scripts/bench_eval_batch.py [MODEL] [--sizes 1 8] [--threads 2]
+
+Scores the demo val split (the evaluate stage's work for one model) with the trained model
+(default artifacts/train/model.safetensors) and prints images/s per batch size, the speed-up
+over the first size, and whether the metrics agree. Run after `dvc repro evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import load_params
+from pipeline.data.prepared import ClassInfo, read_manifest
+from pipeline.engine.evaluate import evaluate
+from pipeline.engine.setup import load_text_embeddings, normalizer
+from pipeline.model import load
+from pipeline.weights import read_backbone_meta
+from stages.evaluate import BACKBONE, INDUCTIVE, PREPARED, TEXT
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default=INDUCTIVE)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    params = load_params("params.yaml")
+    root = Path(PREPARED)
+    classes = ClassInfo.read(root / "classes.json")
+    embeddings = load_text_embeddings(Path(TEXT), classes)
+    normalize = normalizer(params.train.normalization, read_backbone_meta(Path(BACKBONE)))
+    model = load(Path(args.model)).eval()
+    n_images = len(read_manifest(root, "val"))
+    first = None
+    for size in args.sizes:
+        cfg = params.evaluate.model_copy(update={"batch_size": size})
+        start = time.perf_counter()
+        [result] = evaluate(model, embeddings, root, classes, cfg=cfg, normalize=normalize, progress=False)
+        seconds = time.perf_counter() - start
+        first = first or (seconds, result.metrics)
+        same = all(abs(result.metrics[k] - first[1][k]) < 1e-6 for k in result.metrics)
+        print(f"batch_size {size}: {n_images} images in {seconds:.1f} s, {n_images / seconds:.1f} img/s, "
+              f"{first[0] / seconds:.2f}x batch_size {args.sizes[0]}, hIoU {result.metrics['hIoU']:.2f} "
+              f"({'same metrics' if same else 'metrics differ'})")
+
+
+if __name__ == "__main__":
+    main()
