@@ -1,4 +1,4 @@
-# Quick start:  make repro   (the demo pipeline: dvc repro)   |   make test   (the test suite)
+# Quick start:  make repro   (the demo pipeline: dvc repro, sharing one Prefect server)   |   make test   (the test suite)
 # Both create .venv on first use and reuse it afterwards.
 VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -9,7 +9,7 @@ env:
 	@bash scripts/setup-env.sh
 
 repro: env
-	CASCADE_CLIP_GROUP=repro-$$(date -u +%Y%m%dT%H%M%SZ) dvc repro
+	CASCADE_CLIP_GROUP=repro-$$(date -u +%Y%m%dT%H%M%SZ) python -m stages.shared_server dvc repro
 
 test: env
 	python -m pytest -q
