@@ -9,7 +9,9 @@ env:
 	@bash scripts/setup-env.sh
 
 repro: env
-	CASCADE_CLIP_GROUP=repro-$$(date -u +%Y%m%dT%H%M%SZ) python -m stages.shared_server dvc repro
+	@# up to date: plain dvc repro (nothing runs); else one Prefect server shared by every stage that runs
+	@if dvc status --quiet >/dev/null 2>&1; then dvc repro; else \
+		CASCADE_CLIP_GROUP=repro-$$(date -u +%Y%m%dT%H%M%SZ) python -m stages.shared_server dvc repro; fi
 
 test: env
 	python -m pytest -q
