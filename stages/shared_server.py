@@ -3,7 +3,7 @@
     python -m stages.shared_server dvc repro [ARGS...]      (what `make repro` runs)
 
 With PREFECT_API_URL unset, every stage starts Prefect's temporary local server and stops it
-again (about 15 s a stage on 2 CPU cores). This starts that same server once, hands its address
+again (measured: about 10 s more per stage on 2 CPU cores). This starts that same server once, hands its address
 to the command in PREFECT_API_URL, and stops it when the command ends, however it ends. With
 PREFECT_API_URL already set (a server of your own), the command just runs against it.
 Exits with the command's exit code.
