@@ -16,9 +16,8 @@ import torch
 from scipy import ndimage
 
 from pipeline.config import load_params
-from pipeline.data.dataset import read_image, read_label
 from pipeline.data.prepared import ClassInfo, read_manifest
-from pipeline.engine.evaluate import predict_image
+from pipeline.engine.evaluate import predict_split
 from pipeline.engine.setup import load_text_embeddings, normalizer
 from pipeline.model import load
 from pipeline.weights import read_backbone_meta
@@ -36,9 +35,9 @@ def main() -> None:
     normalize = normalizer(params.train.normalization, read_backbone_meta(Path(BACKBONE)))
     model = load(model_file).eval()
     counts = {"border": [0, 0], "interior": [0, 0]}  # [right, all]
-    for row in read_manifest(root, "val"):
-        image, label = read_image(root / row["image"]), read_label(root / row["label"])
-        pred, _ = predict_image(model, image, embeddings, cfg=params.evaluate, normalize=normalize)
+    for _, _, label, scores in predict_split(model, embeddings, root, read_manifest(root, "val"), cfg=params.evaluate,
+                                             normalize=normalize, desc="border accuracy"):
+        pred = scores.argmax(0).numpy()
         inside = label != 255
         border = np.zeros_like(inside)
         for value in np.unique(label[inside]):
