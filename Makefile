@@ -9,9 +9,11 @@ env:
 	@bash scripts/setup-env.sh
 
 repro: env
-	@# up to date: plain dvc repro (nothing runs); else one Prefect server shared by every stage that runs
+	@# up to date: plain dvc repro (nothing runs); else one Prefect server shared by every stage that runs.
+	@# Stages run one at a time, so OpenMP threads may spin briefly before sleeping (README "OpenMP waits").
 	@if dvc status --quiet >/dev/null 2>&1; then dvc repro; else \
-		CASCADE_CLIP_GROUP=repro-$$(date -u +%Y%m%dT%H%M%SZ) python -m stages.shared_server dvc repro; fi
+		GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-10000} CASCADE_CLIP_GROUP=repro-$$(date -u +%Y%m%dT%H%M%SZ) \
+		python -m stages.shared_server dvc repro; fi
 
 test: env
 	python -m pytest -q

@@ -11,6 +11,7 @@ from pipeline.data.catalog import get_dataset
 from pipeline.data.shapes import ShapesWorld
 from pipeline.engine.pretrain import (
     CaptionedImages,
+    batch_contrastive_loss,
     batch_order,
     compositionality,
     cosine_lr,
@@ -90,6 +91,32 @@ def contrastive_loss(model, tokenizer, data: CaptionedImages) -> float:
     with torch.no_grad():
         out = model(normalise(data.images, CLIP_MEAN, CLIP_STD), tokenizer(data.captions))
         return float(open_clip.loss.ClipLoss()(*out))
+
+
+def test_batch_loss_encodes_each_caption_once_and_matches_the_plain_clip_loss():
+    """Deduplicating repeated captions is a speed-up only: loss and every gradient as open_clip's forward."""
+    import open_clip
+
+    toy = ToyClipConfig(**TINY, n_images=24, single_object_fraction=1.0)
+    data = pretrain_images(WORLD, toy, seed=0, progress=False)
+    arch = toy_arch(toy)
+    tokens = make_tokenizer(arch)(data.captions)
+    assert len(torch.unique(tokens, dim=0)) < len(tokens)  # the case that matters: repeated captions
+    images = normalise(data.images, CLIP_MEAN, CLIP_STD)
+    loss_fn = open_clip.loss.ClipLoss()
+    torch.manual_seed(0)
+    model = create_clip(arch)
+    losses, grads = [], []
+    for compute in (lambda: loss_fn(*model(images, tokens)), lambda: batch_contrastive_loss(model, loss_fn, images, tokens)):
+        model.zero_grad(set_to_none=True)
+        loss = compute()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_short_pretraining_lowers_the_contrastive_loss_and_is_deterministic():
