@@ -11,7 +11,7 @@ from tests.conftest import REPO
 PROBE = "import os, {module}, torch; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
 
 
-def policy(module: str, extra: dict[str, str]) -> str:
+def policy(module: str, extra: dict[str, str]) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | extra
     done = subprocess.run([sys.executable, "-c", PROBE.format(module=module)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)

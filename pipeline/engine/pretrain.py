@@ -131,7 +131,7 @@ def batch_contrastive_loss(model: CLIP, loss_fn: Callable, images: torch.Tensor,
 
     The demo's captions repeat within a batch (16 single-object captions among 96 images), so the
     text tower runs on the distinct ones and their features are gathered back per image: the same
-    loss and gradients up to float rounding, 0.9x the step time.
+    loss and gradients up to float rounding, 0.87x the step time (scripts/bench_pretrain_step.py).
     """
     distinct, inverse = torch.unique(tokens, dim=0, return_inverse=True)
     image_features = model.encode_image(images, normalize=True)
@@ -156,7 +156,7 @@ def pretrain_clip(
     tokens = tokenizer(data.captions)
     order = torch.from_numpy(batch_order(len(data.captions), toy.batch_size, toy.steps, seed))
     loss_fn = open_clip.loss.ClipLoss()
-    # fused: one kernel per parameter group instead of one per update op (0.91x step time measured)
+    # fused: one kernel per parameter group instead of one per update op (scripts/bench_pretrain_step.py)
     optimizer = torch.optim.AdamW(parameter_groups(model, toy.weight_decay), lr=toy.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     curve = []
     model.train()
