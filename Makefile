@@ -15,8 +15,11 @@ repro: env
 		GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-10000} CASCADE_CLIP_GROUP=repro-$$(date -u +%Y%m%dT%H%M%SZ) \
 		python -m stages.shared_server dvc repro; fi
 
+# two workers (pytest-xdist); tests sharing an expensive session fixture stay on one worker (tests/conftest.py)
+PYTEST_WORKERS ?= 2
+
 test: env
-	python -m pytest -q
+	python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 test-fast: env
-	python -m pytest -q -m "not slow"
+	python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"

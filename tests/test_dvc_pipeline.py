@@ -1,29 +1,22 @@
-"""`dvc repro` end to end in a temporary copy of the repository, with a tiny demo size."""
+"""`dvc repro` end to end in a temporary copy of the repository, with a tiny demo size (the
+session's shared run, `tiny_pipeline` in conftest.py)."""
 
 import json
-import subprocess
 
 import pytest
+from mlflow.tracking import MlflowClient
 
-from tests.conftest import copy_project, venv_env
-from tests.tiny import tiny_params_yaml
+from tests.conftest import dvc
 
 pytestmark = pytest.mark.slow
 
-
-def dvc(args, cwd, env):
-    return subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
+STAGES = ("prepare_data", "backbone", "embed_text", "train", "pseudo_label", "self_train", "evaluate")
 
 
-def test_dvc_repro_runs_then_does_nothing(tmp_path):
-    repo = copy_project(tmp_path / "repo")
-    (repo / "params.yaml").write_text(tiny_params_yaml())
-    env = venv_env({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-
-    first = dvc(["repro"], repo, env)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for stage in ("prepare_data", "backbone", "embed_text", "train", "pseudo_label", "self_train", "evaluate"):
-        assert f"Running stage '{stage}'" in first.stdout
+def test_dvc_repro_runs_every_stage_and_writes_the_outputs(tiny_pipeline):
+    repo = tiny_pipeline.repo
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in tiny_pipeline.stdout
     assert (repo / "data/prepared/manifest.parquet").exists()
     assert (repo / "dvc.lock").exists()
     assert json.loads((repo / "data/prepare_metrics.json").read_text())["images_train"] == 16
@@ -33,7 +26,11 @@ def test_dvc_repro_runs_then_does_nothing(tmp_path):
     assert (repo / "artifacts/eval/inductive_overlays.png").exists()
     assert (repo / "artifacts/train/model_half.safetensors").exists()
     assert not (repo / "artifacts/checkpoints/train").exists()  # removed once the stage succeeded
+    assert not (repo / "artifacts/checkpoints/self_train").exists()
 
+
+def test_dvc_repro_again_does_nothing_and_shows_metrics_and_plots(tiny_pipeline):
+    repo, env = tiny_pipeline.repo, tiny_pipeline.env
     second = dvc(["repro"], repo, env)
     assert second.returncode == 0, second.stderr
     assert "up to date" in second.stdout
@@ -44,11 +41,12 @@ def test_dvc_repro_runs_then_does_nothing(tmp_path):
     plots = dvc(["plots", "show", "--json"], repo, env)
     assert plots.returncode == 0 and "train_curve.csv" in plots.stdout
 
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+def test_every_stage_logs_one_run_in_one_group_and_the_evaluation_carries_all_params(tiny_pipeline):
+    client = MlflowClient(tiny_pipeline.env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("cascade-clip").experiment_id])
-    assert {r.data.tags["cascade.stage"] for r in runs} >= {"prepare_data", "train", "evaluate"}
+    assert sorted(r.data.tags["cascade.stage"] for r in runs) == sorted(STAGES)
+    assert {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["cascade.pipeline_group"] for r in runs}) == 1
     [evaluation] = [r for r in runs if r.data.tags["cascade.stage"] == "evaluate"]
     assert "hIoU" in evaluation.data.metrics and "train.iterations" in evaluation.data.params

@@ -6,8 +6,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_project, venv_env
-from tests.tiny import tiny_params_yaml
+from tests.conftest import REPO
 
 
 def test_prefect_yaml_deployments_point_to_flows_that_import():
@@ -28,14 +27,26 @@ def test_prefect_yaml_deployments_point_to_flows_that_import():
 
 
 @pytest.mark.slow
-def test_full_pipeline_flow_runs_the_demo_end_to_end(tmp_path, monkeypatch, prefect_harness):
+def test_pipeline_flow_returns_the_metrics_and_runs_overrides_as_a_dvc_experiment(tiny_pipeline, tmp_path, monkeypatch):
+    """On a copy of the session's finished demo run: the flow's plain `dvc repro` finds it up to
+    date and returns its metrics; an override runs as a DVC experiment, and only the stages it
+    touches run again (no calibration: the inductive scores become the uncalibrated ones)."""
     from stages.pipeline_flow import pipeline
 
-    repo = copy_project(tmp_path / "repo")
-    (repo / "params.yaml").write_text(tiny_params_yaml())
-    env = venv_env({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-    monkeypatch.setenv("PATH", env["PATH"])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    metrics = pipeline(project_dir=str(repo))
-    assert {"inductive", "self_train"} <= set(metrics)
-    assert metrics == json.loads((repo / "artifacts/metrics.json").read_text())
+    run = tiny_pipeline.copy(tmp_path)
+    for key in ("PATH", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(key, run.env[key])
+    before = json.loads((run.repo / "artifacts/metrics.json").read_text())
+    assert pipeline(project_dir=str(run.repo)) == before
+
+    metrics = pipeline(overrides={"evaluate.calibration": 0.0}, experiment_name="no-calibration",
+                       project_dir=str(run.repo))
+    assert metrics == json.loads((run.repo / "artifacts/metrics.json").read_text())
+    assert metrics["inductive"] == before["inductive_uncalibrated"] != before["inductive"]
+    assert metrics["self_train"] == before["self_train"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(run.env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("cascade-clip").experiment_id])
+    assert [r.data.tags["cascade.stage"] for r in runs] == ["evaluate"]
+    assert runs[0].data.params["evaluate.calibration"] == "0.0"

@@ -1,4 +1,8 @@
-"""Parameter overrides that shrink every stage to seconds, for end-to-end tests of the real pipeline."""
+"""Parameter overrides that shrink every stage to seconds, for end-to-end tests of the real pipeline.
+
+Training runs long enough (40 steps, a checkpoint every 4; self-training 24) for the fault-injection
+tests to kill a stage after a checkpoint and still find it running; a whole `dvc repro` at this size
+takes about two minutes on 2 cores, most of it the start-up of seven stage processes."""
 
 import yaml
 
@@ -10,9 +14,9 @@ TINY_OVERRIDES = {
                      "text_layers": 1, "steps": 4, "batch_size": 16, "warmup_steps": 1, "n_images": 64,
                      "n_holdout": 16, "threads": 1}},
     "model": {"prompt_tokens": 2, "decoder_heads": 4},
-    "train": {"iterations": 4, "batch_size": 2, "crop_size": 48, "scale": [96, 48], "warmup_iters": 1,
-              "checkpoint_every": 2, "log_every": 1, "num_workers": 0},
-    "self_train": {"iterations": 2, "warmup_iters": 1},
+    "train": {"iterations": 40, "batch_size": 2, "crop_size": 48, "scale": [96, 48], "warmup_iters": 1,
+              "checkpoint_every": 4, "log_every": 4, "num_workers": 0},
+    "self_train": {"iterations": 24, "warmup_iters": 2},
     "pseudo": {"n_overlays": 2},
     "evaluate": {"short_side": 48, "max_long_side": 96, "crop_size": 48, "stride": 32, "n_overlays": 2},
 }
