@@ -19,7 +19,7 @@ repro: env
 PYTEST_WORKERS ?= 2
 
 test: env
-	python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+	python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15
 
 test-fast: env
 	python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
