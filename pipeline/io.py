@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +24,9 @@ from pipeline.errors import CascadeError
 
 TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
+# seconds an atomic folder, complete but not yet renamed, is held in place: a known point at which
+# the fault-injection tests kill a stage (tests/test_fault_injection.py). Unset: no pause.
+PAUSE_BEFORE_RENAME_ENV = "CASCADE_CLIP_PAUSE_BEFORE_RENAME"
 
 
 class DiskFullError(CascadeError, OSError):
@@ -101,6 +105,9 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         _remove_if_empty(created)
         _raise_if_disk_full(exc, target)
         raise
+    pause = float(os.environ.get(PAUSE_BEFORE_RENAME_ENV) or 0)
+    if pause > 0:
+        time.sleep(pause)
     replace_path(tmp, target)
 
 

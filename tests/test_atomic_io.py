@@ -67,3 +67,28 @@ def test_safetensors_files_are_byte_stable_and_load_back(tmp_path):
             assert torch.equal(f.get_tensor(name), tensor) and f.get_tensor(name).dtype == tensor.dtype
     assert int.from_bytes(paths[0].read_bytes()[:8], "little") % 8 == 0
     assert not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_pause_before_rename_holds_the_complete_folder_aside_then_renames_it(tmp_path, monkeypatch):
+    """The known point where the fault-injection tests kill a stage: written aside, not yet in place."""
+    import threading
+    import time
+
+    from pipeline.io import PAUSE_BEFORE_RENAME_ENV
+
+    monkeypatch.setenv(PAUSE_BEFORE_RENAME_ENV, "3")
+    target = tmp_path / "out"
+
+    def write():
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("new")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    deadline = time.monotonic() + 30
+    while not list(tmp_path.glob(".out.tmp-*/a.txt")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    [aside] = tmp_path.glob(".out.tmp-*")
+    assert (aside / "a.txt").read_text() == "new" and not target.exists()
+    writer.join()
+    assert (target / "a.txt").read_text() == "new" and not aside.exists()

@@ -18,6 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.io import PAUSE_BEFORE_RENAME_ENV
 from tests.conftest import dvc
 
 pytestmark = pytest.mark.slow
@@ -64,7 +65,10 @@ def fingerprint(root: Path) -> dict[str, str]:
 
 def kill_when(repo: Path, stage: str, env: dict, trigger, timeout: float = 600) -> bool:
     """Run STAGE (forced, so it runs even when up to date) and SIGKILL the `dvc repro` process group
-    as soon as `trigger()` holds; False if the stage finished first."""
+    as soon as `trigger()` holds; False if the stage finished first. The stage holds each output
+    folder, written aside, for a while before renaming it (PAUSE_BEFORE_RENAME_ENV), so a kill
+    there does not depend on how fast the poll below is."""
+    env = {**env, PAUSE_BEFORE_RENAME_ENV: "30"}
     victim = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     began = time.monotonic()
@@ -79,7 +83,8 @@ def kill_when(repo: Path, stage: str, env: dict, trigger, timeout: float = 600) 
 
 def kill_points(stage: str, repo: Path) -> list[tuple[str, object]]:
     """Where a stage is killed: the training stages once their second checkpoint is written (the
-    run must resume from it), every stage while its output folder is being written aside."""
+    run must resume from it), every stage while its output folder is written aside, before the
+    rename that puts it in place."""
     out = repo / OUTS[stage]
     points = []
     if stage in CHECKPOINTS:
