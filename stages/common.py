@@ -2,7 +2,8 @@
 inside an MLflow run.
 
 Order of work: parse and validate params (a bad params file stops here, before any server starts),
-then the flow (Prefect's temporary local server when PREFECT_API_URL is unset), then the MLflow
+then the stage's lock (a second run of the same stage in the same project stops here, naming the
+first one's pid), then the flow (Prefect's temporary local server when PREFECT_API_URL is unset), then the MLflow
 run (tagged and grouped, see pipeline.tracking), then the stage's `main(ctx)`.
 """
 
@@ -13,7 +14,8 @@ import errno
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,39 @@ class StageContext:
 
 StageMain = Callable[[StageContext], None]
 
+LOCKS = ".cascade-clip/locks"  # one lock file per stage, under the project root
+
+
+class StageBusyError(CascadeError):
+    """Another process is running the same stage in the same project."""
+
+
+@contextmanager
+def stage_lock(root: Path, name: str) -> Iterator[None]:
+    """Hold the stage's lock while it runs: one writer per stage and project, so two runs never
+    share a checkpoint or sweep each other's half-written outputs. The OS releases the lock when
+    the process ends, however it ends (kill -9 included); the file keeps the holder's pid."""
+    import fcntl
+
+    path = root / LOCKS / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "not yet recorded"
+            raise StageBusyError(
+                f"stage {name} is already running in {root} (pid {holder}); a second run would share its "
+                f"checkpoints and outputs. Wait for it to end, or stop it (`kill {holder}`): a killed `dvc repro` "
+                "can leave its stage running"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+
 
 def parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"Run the {name} stage.")
@@ -120,10 +155,11 @@ def run_stage(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        if int(os.environ.get("RANK", "0")) > 0:
+        if int(os.environ.get("RANK", "0")) > 0:  # DDP ranks other than 0 run beside rank 0, which holds the lock
             main(StageContext(name=name, params=params, sections=sections, root=root))
         else:
-            stage_flow(name, main, sections, root, log_all_params)(params.model_dump(mode="json"))
+            with stage_lock(root, name):
+                stage_flow(name, main, sections, root, log_all_params)(params.model_dump(mode="json"))
     except CascadeError as exc:
         print(f"error [{name}]: {exc}", file=sys.stderr)
         return 1

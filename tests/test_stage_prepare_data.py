@@ -12,6 +12,7 @@ from pipeline.data.prepared import read_manifest
 from pipeline.tracking import TAG_COMMIT, TAG_GROUP, TAG_PARAMS_HASH, TAG_STAGE
 from stages import prepare_data
 from stages.common import run_stage
+from tests.conftest import REPO
 
 TINY = {"dataset": {"demo": {"n_train": 12, "n_val": 4, "image_size": 40, "workers": 1}}}
 
@@ -128,3 +129,35 @@ def test_a_run_whose_process_died_is_marked_killed_by_the_next_run(project, mlfl
     assert run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, []) == 0
     killed = MlflowClient(mlflow_uri).get_run(orphan.info.run_id)
     assert killed.info.status == "KILLED"
+
+
+def test_a_second_run_of_a_running_stage_stops_at_once_naming_the_first(project, mlflow_uri, capsys):
+    """One writer per stage: the second run touches nothing of the first's (its output folder being
+    written aside survives), and once the first is gone (kill -9) the stage runs again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.io import PAUSE_BEFORE_RENAME_ENV
+
+    first = subprocess.Popen([sys.executable, "-m", "stages.prepare_data"], cwd=project, start_new_session=True,
+                             env={**os.environ, PAUSE_BEFORE_RENAME_ENV: "120", "PYTHONPATH": str(REPO)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((project / "data").glob(".prepared.tmp-*/manifest.parquet")) and time.monotonic() < deadline:
+            assert first.poll() is None, "the first run ended before it could be caught writing"
+            time.sleep(0.05)
+        [aside] = (project / "data").glob(".prepared.tmp-*")
+        assert run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, []) == 1
+        err = capsys.readouterr().err
+        assert f"error [prepare_data]: stage prepare_data is already running in {project} (pid {first.pid})" in err
+        assert f"kill {first.pid}" in err
+        assert aside.exists() and not (project / "data/prepared").exists()
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, []) == 0
+    assert len(read_manifest(project / "data/prepared")) == 16
