@@ -1,8 +1,11 @@
 """`python -m stages.shared_server CMD`: one real Prefect temporary server for a whole command."""
 
 import os
+import signal
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -48,3 +51,46 @@ def test_missing_or_unknown_command_is_a_clear_error():
     assert shared().returncode == 2
     done = shared("no-such-command-xyz", env_extra={"PREFECT_API_URL": "http://example.invalid/api"})
     assert done.returncode == 127 and "command not found: no-such-command-xyz" in done.stderr
+
+
+TREE = """
+import os, subprocess, sys, time
+grandchild = subprocess.Popen(["sleep", "600"])
+print("READY", os.getpid(), grandchild.pid, os.environ["PREFECT_API_URL"], flush=True)
+time.sleep(600)
+"""
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie (dead, not yet reaped by its new parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: signal.Signals(s).name)
+def test_a_stop_signal_ends_the_command_tree_and_the_server(tmp_path, signum):
+    """A CI cancel, `timeout`, a closed terminal or Ctrl-C: nothing of the tree keeps running or listening."""
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path)}
+    shared = subprocess.Popen([sys.executable, "-m", "stages.shared_server", sys.executable, "-c", TREE], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    line = shared.stdout.readline()
+    assert line.startswith("READY"), line
+    child, grandchild, url = int(line.split()[1]), int(line.split()[2]), line.split()[3]
+    try:
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+        shared.send_signal(signum)
+        assert shared.wait(timeout=60) == 128 + signum
+        assert gone(child) and gone(grandchild), "the command's processes outlived shared_server"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=2)
+    finally:  # whatever a failure left behind
+        for group in (shared.pid, child):
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
