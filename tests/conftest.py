@@ -19,15 +19,15 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Expensive session fixtures, each computed once per test process. Under pytest-xdist (`make test`
 # runs two workers) the tests that use one are kept on one worker (`--dist loadgroup`), so each is
 # computed once per session and the two heaviest groups start at once, one per worker.
-SHARED_FIXTURE_GROUPS = {"tiny_pipeline": "tiny_pipeline", "default_toy": "default_toy"}
+SHARED_FIXTURES = ("tiny_pipeline", "default_toy")  # each one's users form an xdist group of its name
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        for fixture, group in SHARED_FIXTURE_GROUPS.items():
+        for fixture in SHARED_FIXTURES:
             if fixture in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(group))
+                item.add_marker(pytest.mark.xdist_group(fixture))
 
 
 @pytest.fixture(scope="session")
