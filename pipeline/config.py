@@ -315,6 +315,10 @@ class TrainConfig(Section):
     """data-loader worker processes"""
     device: str = "auto"
     """torch device: auto, cpu, cuda, cuda:N"""
+    threads: int = Field(2, ge=0)
+    """CPU threads torch uses (pinned: CPU results depend on it; 0 = torch's default, all cores)"""
+    deterministic: bool = False
+    """deterministic algorithms in torch and cuDNN (bit-exact GPU reruns; slower on GPU)"""
 
     @model_validator(mode="after")
     def _ranges(self) -> TrainConfig:

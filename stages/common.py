@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import logging
 import os
 import sys
@@ -22,8 +23,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import DEFAULT_PARAMS, Params, load_params
+from pipeline.config import DEFAULT_PARAMS, Params, load_params, params_hash
 from pipeline.errors import CascadeError
+from pipeline.io import OLD_MARK, TMP_MARK
 from pipeline.tracking import mlflow_run, project_root
 
 log = logging.getLogger("cascade_clip.stages")
@@ -51,6 +53,21 @@ class StageContext:
 
     def path(self, relative: str | Path) -> Path:
         return self.root / relative
+
+    def resume_key(self) -> dict[str, str]:
+        """What this stage's result depends on, for resuming a checkpoint only when nothing changed:
+        a hash of each params section it reads, and a digest of each dependency dvc.yaml lists for
+        it (input files and folders, and its code)."""
+        key = {f"params {section}": params_hash(self.params.section_dict(section)) for section in self.sections}
+        return key | {dep: content_digest(self.root / dep) for dep in stage_deps(self.root, self.name)}
+
+    def pin_threads(self) -> None:
+        """torch's CPU threads set to `train.threads` for the rest of the stage process (0 keeps
+        torch's default), so the outputs' bytes do not depend on the machine's core count."""
+        import torch
+
+        if self.params.train.threads:
+            torch.set_num_threads(self.params.train.threads)
 
     def write_config(self, folder: Path) -> None:
         """Save the stage's merged parameters beside its outputs (params.yaml of this stage)."""
@@ -90,6 +107,35 @@ class StageContext:
 
 
 StageMain = Callable[[StageContext], None]
+
+
+def stage_deps(root: Path, name: str) -> list[str]:
+    """The deps dvc.yaml lists for stage `name` (none when there is no dvc.yaml or no such stage)."""
+    path = root / "dvc.yaml"
+    if not path.exists():
+        return []
+    stage = (yaml.safe_load(path.read_text()) or {}).get("stages", {}).get(name) or {}
+    return [str(dep) for dep in stage.get("deps", [])]
+
+
+def _skipped(path: Path) -> bool:
+    """Not content: Python's bytecode caches and the leftovers of interrupted atomic writes."""
+    return path.name == "__pycache__" or path.suffix == ".pyc" or TMP_MARK in path.name or OLD_MARK in path.name
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's relative file names and their bytes ('missing'
+    when absent). Reads everything: about 1 s per GB (the demo's inputs take well under a second)."""
+    if not path.exists():
+        return "missing"
+    if path.is_file():
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")):
+        if file.is_file() and not any(_skipped(part) for part in (file, *file.relative_to(path).parents)):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{content_digest(file)}\n".encode())
+    return digest.hexdigest()
 
 LOCKS = ".cascade-clip/locks"  # one lock file per stage, under the project root
 

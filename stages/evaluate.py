@@ -79,6 +79,7 @@ def cross_embeddings(model, classes: ClassInfo) -> torch.Tensor:
 
 
 def main(ctx: StageContext) -> None:
+    ctx.pin_threads()
     p = ctx.params
     if p.evaluate.cross_dataset is not None:
         root, classes = cross_dataset(ctx, p.evaluate.cross_dataset)

@@ -40,6 +40,7 @@ def summary_table(classes: ClassInfo, stats: dict) -> pa.Table:
 
 
 def main(ctx: StageContext) -> None:
+    ctx.pin_threads()
     p = ctx.params
     root = ctx.path(PREPARED)
     classes = ClassInfo.read(root / "classes.json")

@@ -16,6 +16,6 @@ data, out = Path(sys.argv[1]), Path(sys.argv[2])
 torch.set_num_threads(1)
 model, embeddings, dataset, cfg, loss_cfg = setup(data, dropout=0.0, cfg=train_cfg(batch_size=2, iterations=4))
 result = train(model, embeddings, dataset, cfg=cfg, loss_cfg=loss_cfg, schedule=Schedule(4, 2), seed=0,
-               checkpoint=out / "ckpt.pt", params_hash="ddp", progress=False)
+               checkpoint=out / "ckpt.pt", resume_key={"run": "ddp"}, progress=False)
 torch.save(trainable_vector(model), out / f"rank{dist.get_rank()}.pt")
 dist.destroy_process_group()

@@ -88,7 +88,7 @@ def test_short_self_training_starts_from_the_checkpoint_and_changes_the_weights(
         return out
 
     train(model, class_embeddings(num_classes=classes.num_classes), dataset, cfg=cfg, loss_cfg=loss_cfg,
-          schedule=Schedule(3, 1), seed=0, checkpoint=tmp_path / "st.pt", params_hash="st", label_fn=spy, progress=False)
+          schedule=Schedule(3, 1), seed=0, checkpoint=tmp_path / "st.pt", resume_key={"run": "st"}, label_fn=spy, progress=False)
     assert not torch.equal(start, trainable_vector(model))
     values = set(torch.cat([x.flatten() for x in seen_labels]).unique().tolist())
     assert TO_PSEUDO not in values and values <= set(range(classes.num_classes)) | {IGNORE_INDEX}

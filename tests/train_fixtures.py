@@ -23,7 +23,7 @@ def make_data(root: Path, n_train: int = 24, size: int = 32) -> ClassInfo:
 
 def train_cfg(**overrides) -> TrainConfig:
     base = dict(iterations=8, batch_size=4, lr=1e-3, warmup_iters=2, crop_size=32, scale=(64, 32),
-                checkpoint_every=4, log_every=1, num_workers=0, device="cpu")
+                checkpoint_every=4, log_every=1, num_workers=0, device="cpu", threads=0)
     return TrainConfig(**(base | overrides))
 
 
