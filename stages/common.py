@@ -3,8 +3,9 @@ inside an MLflow run.
 
 Order of work: parse and validate params (a bad params file stops here, before any server starts),
 then the stage's lock (a second run of the same stage in the same project stops here, naming the
-first one's pid), then the flow (Prefect's temporary local server when PREFECT_API_URL is unset), then the MLflow
-run (tagged and grouped, see pipeline.tracking), then the stage's `main(ctx)`.
+first one's pid), then the flow (on a temporary local server of the stage's own when
+PREFECT_API_URL is unset, stopped even if the stage is killed), then the MLflow run (tagged and
+grouped, see pipeline.tracking), then the stage's `main(ctx)`.
 """
 
 from __future__ import annotations
@@ -171,6 +172,22 @@ def stage_lock(root: Path, name: str) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def prefect_api() -> Iterator[None]:
+    """The Prefect API the stage's flow reports to: $PREFECT_API_URL when set (a shared or a real
+    server), else a temporary local server of the stage's own that does not outlive the stage,
+    even one killed with SIGKILL (stages.prefect_server)."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from stages.prefect_server import temporary_server
+
+    with temporary_server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
 def parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"Run the {name} stage.")
     parser.add_argument("--params", type=Path, default=None, help="params file (default: params.yaml at the project root)")
@@ -204,7 +221,7 @@ def run_stage(
         if int(os.environ.get("RANK", "0")) > 0:  # DDP ranks other than 0 run beside rank 0, which holds the lock
             main(StageContext(name=name, params=params, sections=sections, root=root))
         else:
-            with stage_lock(root, name):
+            with stage_lock(root, name), prefect_api():
                 stage_flow(name, main, sections, root, log_all_params)(params.model_dump(mode="json"))
     except CascadeError as exc:
         print(f"error [{name}]: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ PREFECT_API_URL already set (a server of your own), the command just runs agains
 SIGTERM, SIGHUP and SIGINT (a CI cancel, `timeout`, a closed terminal, Ctrl-C) are passed on to
 the command's whole process group (`dvc repro` and the stage it runs); whatever of that group is
 still there after a grace period is killed, and the server is stopped: nothing is left running.
+The server also stops if this process is killed with SIGKILL (stages.prefect_server).
 Exits with the command's exit code, or 128 + the signal's number when stopped by one.
 """
 
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import stages.common  # noqa: F401  (the temporary server's settings: no analytics, start-up time)
+from stages.prefect_server import temporary_server
 
 USAGE = "usage: python -m stages.shared_server COMMAND [ARGS...]   e.g. python -m stages.shared_server dvc repro"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
@@ -105,14 +107,8 @@ def run_with_server(command: list[str]) -> int:
         try:
             if os.environ.get("PREFECT_API_URL"):
                 return runner.call(command, os.environ)
-            from prefect.server.api.server import SubprocessASGIServer
-
-            server = SubprocessASGIServer()
-            try:
-                server.start()
-                return runner.call(command, {**os.environ, "PREFECT_API_URL": server.api_url})
-            finally:
-                server.stop()
+            with temporary_server() as url:
+                return runner.call(command, {**os.environ, "PREFECT_API_URL": url})
         except Stopped as stop:
             return 128 + stop.signum
 

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -94,3 +95,52 @@ def test_a_stop_signal_ends_the_command_tree_and_the_server(tmp_path, signum):
                 os.killpg(group, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+STAGE = """
+import sys, time
+from stages.common import run_stage
+
+def main(ctx):
+    sys.stdout.write("READY\\n")  # not print(): the flow sends prints to its log
+    sys.stdout.flush()
+    time.sleep(600)
+
+sys.exit(run_stage("probe", main, ("seed",)))
+"""
+
+
+def test_a_stage_killed_with_sigkill_leaves_no_server_running(tmp_path):
+    """With PREFECT_API_URL unset a stage starts a temporary server of its own; kill -9 of the
+    stage (no exit handler runs) must not leave that server running and listening."""
+    import httpx
+    import psutil
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PYTHONPATH": str(REPO)}
+    stage = subprocess.Popen([sys.executable, "-c", STAGE], cwd=project, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert stage.stdout.readline().strip() == "READY"
+        tree = psutil.Process(stage.pid).children(recursive=True)
+        ports = {c.laddr.port for p in tree for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        assert len(ports) == 1, f"expected the stage's server to listen on one port, found {ports}"
+        port = ports.pop()
+        assert httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=10).status_code == 200
+        stage.kill()
+        stage.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(gone(p.pid) for p in tree):
+            time.sleep(0.1)
+        assert all(gone(p.pid) for p in tree), "a process of the killed stage (its server?) still runs"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2)
+    finally:  # whatever a failure left behind (the server is in the stage's session)
+        try:
+            os.killpg(stage.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
