@@ -4,6 +4,10 @@ A stage killed at any point leaves either the previous complete output or none a
 path, never a half-written one; leftovers carry a `.tmp-` / `.old-` marker and are swept by the
 next run (`sweep_stale`). Running out of disk space while writing raises `DiskFullError`, which
 names the output and the fix.
+
+Durability: what is written aside is fsynced before the rename (a file, or every file and folder
+of a folder), and the parent folder after it, so after a power cut the output path holds the old
+or the new complete version, never a renamed folder of empty files.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,7 @@ OLD_MARK = ".old-"
 # seconds an atomic folder, complete but not yet renamed, is held in place: a known point at which
 # the fault-injection tests kill a stage (tests/test_fault_injection.py). Unset: no pause.
 PAUSE_BEFORE_RENAME_ENV = "CASCADE_CLIP_PAUSE_BEFORE_RENAME"
+_FSYNC_THREADS = 8  # files fsynced at once: fsync waits on the disk, so a prepared dataset's many files overlap
 
 
 class DiskFullError(CascadeError, OSError):
@@ -62,17 +69,53 @@ def sweep_stale(target: Path) -> list[Path]:
     return removed
 
 
+def fsync_dir(folder: str | Path) -> None:
+    """fsync a folder itself: makes the entries created, renamed or removed in it durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """fsync every regular file under `folder`, then every folder in it (deepest first, `folder` last),
+    so its content is on disk before a rename publishes it. Symbolic links are not followed."""
+    folders, files = [], []
+    for top, _, names in os.walk(folder):
+        folders.append(top)
+        files += [p for p in (os.path.join(top, n) for n in names) if stat.S_ISREG(os.lstat(p).st_mode)]
+    if len(files) > 1:
+        with ThreadPoolExecutor(min(_FSYNC_THREADS, len(files))) as pool:
+            list(pool.map(_fsync_file, files))
+    elif files:
+        _fsync_file(files[0])
+    for top in reversed(folders):
+        fsync_dir(top)
+
+
 def replace_path(src: Path, target: Path) -> None:
     """Move `src` to `target`, replacing what is there; a file is replaced atomically, a folder
-    is first moved aside so `target` is always either the old or the new complete version."""
+    is first moved aside so `target` is always either the old or the new complete version.
+    The parent folder is fsynced after the rename, so the rename survives a power cut."""
     src, target = Path(src), Path(target)
     if src.is_dir() and target.exists():
         old = target.with_name(f".{target.name}{OLD_MARK}{uuid.uuid4().hex[:8]}")
         os.rename(target, old)
         os.rename(src, target)
+        fsync_dir(target.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, target)
+        fsync_dir(target.parent)
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -92,14 +135,16 @@ def _remove_if_empty(folders: list[Path]) -> None:
 
 @contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling folder; on success it becomes `target`, on error it is
-    removed (with any parent folders this call created), so a failure writes nothing at all."""
+    """Yield an empty temporary sibling folder; on success it becomes `target` (its files and folders
+    fsynced first), on error it is removed (with any parent folders this call created), so a failure
+    writes nothing at all."""
     target = Path(target)
     created = _make_parents(target.parent)
     sweep_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}", dir=target.parent))
     try:
         yield tmp
+        fsync_tree(tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_if_empty(created)
@@ -113,7 +158,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_file(target: str | Path, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary sibling for writing; it replaces `target` (fsynced) only if the block succeeds."""
+    """Open a temporary sibling for writing; it replaces `target` (fsynced, and its folder after the
+    rename) only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}{TMP_MARK}", dir=target.parent)
@@ -127,7 +173,7 @@ def atomic_file(target: str | Path, mode: str = "wb") -> Iterator[Any]:
         tmp.unlink(missing_ok=True)
         _raise_if_disk_full(exc, target)
         raise
-    os.replace(tmp, target)
+    replace_path(tmp, target)
 
 
 def write_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:

@@ -92,3 +92,62 @@ def test_pause_before_rename_holds_the_complete_folder_aside_then_renames_it(tmp
     assert (aside / "a.txt").read_text() == "new" and not target.exists()
     writer.join()
     assert (target / "a.txt").read_text() == "new" and not aside.exists()
+
+
+@pytest.fixture
+def disk_log(monkeypatch):
+    """Every fsync (as the path its fd names) and rename, in order, through the real calls."""
+    import os
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the fsynced files")
+    events = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst, **kw):
+        events.append(("rename", str(src), str(dst)))
+        real_rename(src, dst, **kw)
+
+    def replace(src, dst, **kw):
+        events.append(("rename", str(src), str(dst)))
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def at(events, event) -> int:
+    assert event in events, f"{event} not in {events}"
+    return events.index(event)
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["new", "replacing"])
+def test_atomic_dir_fsyncs_every_file_and_folder_before_the_rename_and_the_parent_after(tmp_path, disk_log, previous):
+    target = tmp_path / "out"
+    if previous:
+        target.mkdir()
+        (target / "old.txt").write_text("old")
+    with atomic_dir(target) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "model.bin").write_bytes(b"weights")
+        (tmp / "sub" / "b.txt").write_text("b")
+        aside = str(tmp)
+    renamed = at(disk_log, ("rename", aside, str(target)))
+    for path in (f"{aside}/model.bin", f"{aside}/sub/b.txt", f"{aside}/sub", aside):
+        assert at(disk_log, ("fsync", path)) < renamed, path
+    assert max(i for i, e in enumerate(disk_log) if e == ("fsync", str(tmp_path))) > renamed
+    assert (target / "model.bin").read_bytes() == b"weights"
+
+
+def test_atomic_file_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, disk_log):
+    write_json(tmp_path / "m.json", {"a": 1})
+    [(kind, aside, target)] = [e for e in disk_log if e[0] == "rename"]
+    renamed = disk_log.index((kind, aside, target))
+    assert target == str(tmp_path / "m.json")
+    assert at(disk_log, ("fsync", aside)) < renamed < at(disk_log, ("fsync", str(tmp_path)))
