@@ -116,3 +116,72 @@ def test_truncated_archives_are_reported(tmp_path):
     (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(ArchiveError, match="not a readable zip"):
         extract(tmp_path / "bad.zip", tmp_path / "out2", progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# size and member limits (decompression bombs)
+# --------------------------------------------------------------------------------------------
+def small_archive(tmp_path, kind: str):
+    """Four members: a folder and three files of 600 bytes (1,800 bytes in all)."""
+    members = [("top", "dir", None)] + [(f"top/{n}.bin", "file", bytes(600)) for n in "abc"]
+    if kind == "zip":
+        with zipfile.ZipFile(tmp_path / "small.zip", "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("top/", b"")
+            for name, _, data in members[1:]:
+                z.writestr(name, data)
+        return tmp_path / "small.zip"
+    return tar_with(tmp_path / f"small.{kind}", members, "w:gz" if kind == "tgz" else "w")
+
+
+@pytest.fixture
+def writes(monkeypatch):
+    """Files the extractor opens for writing."""
+    import pipeline.data.archive as module
+
+    opened = []
+
+    def spy(file, mode="r", *args, **kwargs):
+        if set(mode) & set("wax+"):
+            opened.append(str(file))
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(module, "open", spy, raising=False)
+    return opened
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "tgz"])
+@pytest.mark.parametrize(("limit", "figure"), [
+    ({"max_bytes": 1000}, {"zip": "1,800 bytes uncompressed", "tar": "1,200 or more bytes uncompressed"}),
+    ({"max_members": 2}, {"zip": "4 members", "tar": "3 or more members"}),
+], ids=["bytes", "members"])
+def test_archive_over_a_limit_is_refused_before_anything_is_written(tmp_path, writes, kind, limit, figure):
+    archive = small_archive(tmp_path, kind)
+    with pytest.raises(ArchiveError) as info:
+        extract(archive, tmp_path / "work" / "out", progress=False, **limit)
+    message = str(info.value)
+    [(key, value)] = limit.items()
+    unit = "bytes" if key == "max_bytes" else "members"
+    assert message.startswith(f"{archive}: {figure['zip' if kind == 'zip' else 'tar']}, more than the limit of "
+                              f"{value:,} {unit}"), message
+    assert "decompression bomb" in message and f"{key}=" in message
+    assert writes == [] and not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_member_yielding_more_bytes_than_its_header_declares_is_cut_off(tmp_path, monkeypatch, kind):
+    """A zip bomb whose header lies about a member's size: extraction stops at the declared size."""
+    archive = small_archive(tmp_path, kind)
+    reader = (zipfile.ZipFile, "open") if kind == "zip" else (tarfile.TarFile, "extractfile")
+    monkeypatch.setattr(*reader, lambda *args, **kwargs: io.BytesIO(bytes(50_000)))
+    with pytest.raises(ArchiveError) as info:
+        extract(archive, tmp_path / "out", progress=False)
+    assert str(info.value).startswith(f"{archive}: member 'top/a.bin' holds more than the 600 bytes its header "
+                                      "declares"), str(info.value)
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == [archive.name]
+
+
+def test_limits_are_far_above_the_largest_dataset_archive():
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(extract).parameters.items()}
+    assert defaults["max_bytes"] >= 64 << 30 and defaults["max_members"] >= 2_000_000  # COCO train2017: 19 GB, 118k

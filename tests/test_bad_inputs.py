@@ -181,6 +181,88 @@ def test_file_missing_from_the_manifest_is_called_missing(prepared, column):
     assert PREPARE_FIX in message
 
 
+@pytest.mark.parametrize("stage", ["evaluate", "pseudo_label"])
+def test_label_value_out_of_range_at_evaluation_or_pseudo_labelling_names_the_file_value_and_fix(tmp_path, stage):
+    from pipeline.config import EvaluateConfig
+    from pipeline.engine.evaluate import evaluate
+    from pipeline.engine.pseudo import generate
+    from tests.test_model_common import class_embeddings
+    from tests.train_fixtures import make_data
+
+    root = tmp_path / "data"
+    classes = make_data(root, n_train=2)
+    path = root / read_manifest(root, "val" if stage == "evaluate" else "train")[0]["label"]
+    edit_label(path, with_value(42))
+    model, embeddings = tiny_model(), class_embeddings(num_classes=classes.num_classes)
+    run = dict(cfg=EvaluateConfig(short_side=32, max_long_side=64, crop_size=32, stride=24, batch_size=2),
+               normalize=normalizer("backbone"), progress=False)
+    with pytest.raises(DataFileError) as info:
+        if stage == "evaluate":
+            evaluate(model, embeddings, root, classes, **run)
+        else:
+            generate(model, embeddings, root, classes, tmp_path / "pseudo", threshold=0.0, **run)
+    message = str(info.value)
+    assert message.startswith(f"{path}: label values [42] are not class ids of this dataset (0..15, 255 = ignore)")
+    assert PREPARE_FIX in message
+
+
+# --------------------------------------------------------------------------------------------
+# image ids from list files
+# --------------------------------------------------------------------------------------------
+BAD_IDS = [("..", "is '..'"), ("JPEGImages/2007_000032", "contains a path separator"),
+           ("sub\\x", "contains a path separator"), ("a\0b", "contains a NUL character"),
+           ("/etc/passwd", "is an absolute path")]
+
+
+@pytest.mark.parametrize(("bad", "reason"), BAD_IDS, ids=["dotdot", "slash", "backslash", "nul", "absolute"])
+def test_split_list_id_that_is_not_a_file_name_names_the_list_the_line_and_the_fix(tmp_path, bad, reason):
+    from pipeline.data.convert.voc import plan
+
+    voc = tmp_path / "VOC2012"
+    lists = voc / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    (lists / "train.txt").write_text(f"2007_000032\n\n{bad}\n")
+    (lists / "val.txt").write_text("2007_000033\n")
+    with pytest.raises(CascadeError) as info:
+        plan({"voc2012": voc}, ("val",))
+    message = str(info.value)
+    assert message.startswith(f"{lists / 'train.txt'}: 1 image id(s) that cannot be file names")
+    assert f"  - line 3: {bad!r} {reason}" in message
+    assert "correct or delete these lines" in message
+
+
+def test_annotation_file_name_that_leaves_the_image_folder_is_refused(tmp_path):
+    from pipeline.data.convert.context import plan
+
+    voc = tmp_path / "VOC2010"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "secret.jpg").write_bytes(b"not an image of the dataset")
+    data = {"images": [{"image_id": 1, "file_name": "../secret.jpg", "height": 2, "width": 2, "phase": "train"}],
+            "annos_segmentation": []}
+    with pytest.raises(CascadeError) as info:
+        plan(data, voc, ("train",), "/src/trainval_merged.json")
+    message = str(info.value)
+    assert message.startswith("/src/trainval_merged.json: 1 image id(s) that cannot be file names")
+    assert "  - images[0].file_name: '../secret.jpg' contains a path separator" in message
+    assert "download it again" in message
+
+
+@pytest.mark.parametrize(("column", "value"), [("id", "../x"), ("label", "labels/train/../../../escape.png"),
+                                               ("image", "/etc/passwd")])
+def test_manifest_row_with_a_path_leaving_the_dataset_names_the_row_and_the_fix(prepared, column, value):
+    from pipeline.data.prepared import write_manifest
+
+    rows = read_manifest(prepared)
+    rows[1][column] = value
+    write_manifest(rows, prepared / "manifest.parquet")
+    with pytest.raises(CascadeError) as info:
+        read_manifest(prepared, "train")
+    message = str(info.value)
+    assert message.startswith(f"{prepared / 'manifest.parquet'}: 1 image id(s) that cannot be file names")
+    assert f"  - row 1 {column}: {value!r}" in message
+    assert PREPARE_FIX in message
+
+
 # --------------------------------------------------------------------------------------------
 # checkpoints and text embeddings
 # --------------------------------------------------------------------------------------------

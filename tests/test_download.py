@@ -2,10 +2,9 @@
 
 import hashlib
 import io
-import re
+import json
+import shutil
 import tarfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -21,63 +20,10 @@ from pipeline.data.download import (
     download,
     locate_sources,
 )
+from tests.http_server import FileServer
 
 PAYLOAD = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
 MD5 = hashlib.md5(PAYLOAD).hexdigest()
-
-
-class FileServer:
-    """Serves one payload at /<name>, with HTTP Range support; `plan` scripts each request's answer:
-    "serve", "cut:N" (send N body bytes, then drop the connection), "full" (ignore Range), or a status code."""
-
-    def __init__(self, payload: bytes, plan=()):
-        self.payload, self.plan, self.requests = payload, list(plan), []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                server.requests.append({"path": self.path, "range": self.headers.get("Range")})
-                action = server.plan.pop(0) if server.plan else "serve"
-                if action.isdigit():
-                    self.send_error(int(action))
-                    return
-                start = 0
-                match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                if match and action != "full":
-                    start = int(match.group(1))
-                    if start >= len(server.payload):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(server.payload)}")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(server.payload) - 1}/{len(server.payload)}")
-                else:
-                    self.send_response(200)
-                body = server.payload[start:]
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if action.startswith("cut:"):
-                    body = body[: int(action[4:])]
-                self.wfile.write(body)
-                self.wfile.flush()
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-
-    def url(self, name="file.bin") -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def quick(retries=0, sleeps=None) -> RetryPolicy:
@@ -175,9 +121,10 @@ def tar_bytes(files: dict[str, bytes]) -> bytes:
 ARCHIVE = tar_bytes({"pack/data/list.txt": b"a\nb\n", "pack/data/x.bin": b"x"})
 
 
-def fake_entry(url: str, md5: str | None = None) -> DatasetEntry:
-    spec = {"file": "pack.tgz", "url": url, "size": len(ARCHIVE), "splits": ["train", "val"],
-            "content": "pack/data", "markers": ["list.txt"]}
+def fake_entry(url: str, md5: str | None = None, *, sized: bool = True) -> DatasetEntry:
+    spec = {"file": "pack.tgz", "url": url, "splits": ["train", "val"], "content": "pack/data", "markers": ["list.txt"]}
+    if sized:
+        spec["size"] = len(ARCHIVE)
     if md5:
         spec["md5"] = md5
     return DatasetEntry(name="fake", description="fake", available=True, classes=("a",), unseen_splits={"s": ()},
@@ -197,6 +144,7 @@ def test_missing_sources_are_downloaded_extracted_and_cached(tmp_path):
     assert (roots["pack"] / "list.txt").read_text() == "a\nb\n"
     assert (tmp_path / "cache/fake/downloads/pack.tgz").read_bytes() == ARCHIVE
     assert len(server.requests) == 1  # the second call used the cache
+    assert not list(tmp_path.rglob("*.pin.json"))  # a published checksum needs no pin
 
 
 def test_source_dir_archives_are_checked_before_use(tmp_path):
@@ -232,3 +180,66 @@ def test_an_unknown_host_fails_at_once_with_the_offline_fix(tmp_path):
     with pytest.raises(DownloadError, match=r"is unknown.*dataset\.source_dir") as info:
         download("http://no-such-host.invalid/f.bin", tmp_path / "f.bin", policy=quick(5, sleeps), progress=False)
     assert not isinstance(info.value, TransientDownloadError) and sleeps == []
+
+
+# --------------------------------------------------------------------------------------------
+# sources without a published checksum: pinned at their first use
+# --------------------------------------------------------------------------------------------
+OTHER = tar_bytes({"pack/data/list.txt": b"c\n", "pack/data/x.bin": b"y"})  # another file under the same name
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def assert_pin_mismatch(message: str, path, pin, pinned: bytes, found: bytes) -> None:
+    assert message.startswith(f"{path}: sha256 mismatch: expected {sha256(pinned)}, found {sha256(found)}."), message
+    assert f"delete {pin} to pin it anew" in message
+
+
+def test_a_source_file_without_checksums_is_pinned_at_first_use_and_must_match_after(tmp_path, caplog):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "pack.tgz").write_bytes(ARCHIVE)
+    entry = fake_entry("http://127.0.0.1:9/pack.tgz", sized=False)
+    cfg = cfg_for(tmp_path, source_dir=mine, download=False)
+    locate_sources(entry, cfg, ("train",), progress=False)
+    pin = tmp_path / "cache/fake/downloads/pack.tgz.pin.json"
+    record = json.loads(pin.read_text())
+    assert (record["file"], record["size"], record["sha256"]) == ("pack.tgz", len(ARCHIVE), sha256(ARCHIVE))
+    assert f"pinned pack.tgz at its first use (no published checksum): {len(ARCHIVE)} bytes, " \
+           f"sha256={sha256(ARCHIVE)}; delete {pin} to re-pin" in caplog.text
+    assert not list(pin.parent.glob(".*tmp-*"))  # written aside, then renamed
+
+    (mine / "pack.tgz").write_bytes(OTHER)
+    with pytest.raises(ChecksumError) as info:
+        locate_sources(entry, cfg, ("train",), progress=False)
+    assert_pin_mismatch(str(info.value), mine / "pack.tgz", pin, ARCHIVE, OTHER)
+
+    pin.unlink()  # the user accepts the new file
+    roots = locate_sources(entry, cfg, ("train",), progress=False)
+    assert json.loads(pin.read_text())["sha256"] == sha256(OTHER)
+    assert (roots["pack"] / "list.txt").read_text() == "c\n"
+
+
+def test_a_download_without_checksums_is_pinned_and_a_changed_copy_or_server_file_is_refused(tmp_path):
+    cache = tmp_path / "cache/fake"
+    local, pin = cache / "downloads/pack.tgz", cache / "downloads/pack.tgz.pin.json"
+    with FileServer(ARCHIVE) as server:
+        entry = fake_entry(server.url("pack.tgz"), sized=False)
+        locate_sources(entry, cfg_for(tmp_path), ("train",), progress=False)
+    assert json.loads(pin.read_text())["sha256"] == sha256(ARCHIVE)
+
+    shutil.rmtree(cache / "extracted")  # the cached copy is used again: it changed
+    local.write_bytes(OTHER)
+    with pytest.raises(ChecksumError) as info:
+        locate_sources(entry, cfg_for(tmp_path), ("train",), progress=False)
+    assert_pin_mismatch(str(info.value), local, pin, ARCHIVE, OTHER)
+
+    local.unlink()  # downloaded again: the server now serves another file
+    with FileServer(OTHER) as server:
+        with pytest.raises(ChecksumError) as info:
+            locate_sources(fake_entry(server.url("pack.tgz"), sized=False), cfg_for(tmp_path), ("train",),
+                           progress=False)
+    assert_pin_mismatch(str(info.value), local, pin, ARCHIVE, OTHER)
+    assert (cache / "downloads/pack.tgz.corrupt").read_bytes() == OTHER and not local.exists()

@@ -11,7 +11,12 @@ the known size and checksums, the splits that need it, and where its content sit
 
 Downloads are resumable: bytes go to `<file>.part`, and a later try asks the server for the rest
 with an HTTP Range header. Transient network errors are retried with exponential back-off; the
-finished file's size and checksums are verified before it is used. Plain Python on purpose: the
+finished file's size and checksums are verified before it is used.
+
+A source without a published checksum (COCO-Stuff's stuffthingmaps) is pinned at its first use,
+downloaded or found in dataset.source_dir: its size and sha256 are written to
+`<cache>/<dataset>/downloads/<file>.pin.json`, and every later use must have that sha256 (trust on
+first use; deleting the pin file pins the next copy used). Plain Python on purpose: the
 prepare_data stage may add a Prefect task retry around it, but nothing here imports Prefect.
 """
 
@@ -37,11 +42,13 @@ from pipeline.config import DatasetConfig
 from pipeline.data.archive import archive_stem, extract, is_archive
 from pipeline.data.catalog import DatasetEntry
 from pipeline.errors import CascadeError
+from pipeline.io import write_json
 
 log = logging.getLogger("cascade_clip.data")
 
 CHECKSUM_ALGORITHMS = ("md5", "sha1", "sha256")
 PART_SUFFIX = ".part"
+PIN_SUFFIX = ".pin.json"  # beside the cached download: size and sha256 of a source without published checksums
 _CHUNK = 1 << 20
 _MAX_BACKOFF = 300.0  # seconds: the longest wait between two tries
 _TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -335,7 +342,7 @@ def _extract_cached(archive: Path, source: Source, cache: Path, progress: bool) 
             return found
     log.info("extracting %s into %s", archive, target)
     extract(archive, target, progress=progress)
-    stamp_file.write_text(json.dumps(_stamp(archive)))
+    write_json(stamp_file, _stamp(archive))
     found = find_content(target, source)
     if found is None:
         raise DownloadError(
@@ -345,10 +352,42 @@ def _extract_cached(archive: Path, source: Source, cache: Path, progress: bool) 
     return found
 
 
+def read_pin(pin: Path) -> str:
+    """The sha256 recorded in a pin file."""
+    try:
+        return str(json.loads(pin.read_text())["sha256"]).lower()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ChecksumError(f"{pin}: unreadable pin file ({exc}); delete it, and the next run pins the file "
+                            "anew") from None
+
+
+def _expected(source: Source, pin: Path) -> tuple[dict[str, str], str]:
+    """(checksums, extra fix) that a copy of `source` must match: the catalog's, or, for a source without
+    published checksums, the sha256 pinned at its first use (none before that)."""
+    if source.checksums or not pin.is_file():
+        return source.checksums, ""
+    return {"sha256": read_pin(pin)}, f" If the new file is the one you want, delete {pin} to pin it anew."
+
+
+def _pin_first_use(path: Path, source: Source, pin: Path, progress: bool) -> None:
+    """Record `path`'s size and sha256 in `pin` if `source` has no published checksums and no pin yet."""
+    if source.checksums or pin.is_file():
+        return
+    sha256 = file_checksums(path, ("sha256",), progress=progress)["sha256"]
+    size = path.stat().st_size
+    write_json(pin, {"file": source.file, "url": source.url, "size": size, "sha256": sha256})
+    log.warning("pinned %s at its first use (no published checksum): %d bytes, sha256=%s; delete %s to re-pin",
+                source.file, size, sha256, pin)
+
+
 def locate_source(source: Source, cfg: DatasetConfig, cache: Path, *, progress: bool = True) -> Path | None:
     """The content folder of one source (see the module docstring for the order); None if missing and
     downloads are off."""
-    fix = f"Replace it with the official {source.file} ({source.url}), or set dataset.verify_checksums: false if you trust it."
+    downloads = cache / "downloads"
+    pin = downloads / (source.file + PIN_SUFFIX)
+    checksums, repin = _expected(source, pin) if cfg.verify_checksums else ({}, "")
+    fix = (f"Replace it with the official {source.file} ({source.url}), or set dataset.verify_checksums: false if "
+           f"you trust it.{repin}")
     if cfg.source_dir is not None:
         source_dir = Path(cfg.source_dir)
         found = find_content(source_dir, source)
@@ -358,7 +397,8 @@ def locate_source(source: Source, cfg: DatasetConfig, cache: Path, *, progress: 
         user_file = source_dir / source.file
         if user_file.is_file():
             if cfg.verify_checksums:
-                verify_file(user_file, source.size, source.checksums, fix=fix, progress=progress)
+                verify_file(user_file, source.size, checksums, fix=fix, progress=progress)
+                _pin_first_use(user_file, source, pin, progress)
             if not source.archive:
                 return source_dir
             return _extract_cached(user_file, source, cache, progress)
@@ -366,18 +406,22 @@ def locate_source(source: Source, cfg: DatasetConfig, cache: Path, *, progress: 
         found = find_content(cache / "extracted" / source.stem, source)
         if found is not None and (cache / "extracted" / source.stem / ".source.json").exists():
             return found
-    downloads = cache / "downloads"
     local = downloads / source.file
     if local.is_file():
         if cfg.verify_checksums:
-            verify_file(local, source.size, source.checksums, progress=progress,
-                        fix=f"Delete {local} and run again to download it anew.")
+            verify_file(local, source.size, checksums, progress=progress,
+                        fix=f"Delete {local} and run again to download it anew.{repin}")
     elif cfg.download:
         log.info("downloading %s from %s", source.file, source.url)
-        download(source.url, local, size=source.size, checksums=source.checksums if cfg.verify_checksums else {},
-                 policy=policy_from(cfg), progress=progress)
+        try:
+            download(source.url, local, size=source.size, checksums=checksums, policy=policy_from(cfg),
+                     progress=progress)
+        except ChecksumError as exc:
+            raise ChecksumError(f"{exc}{repin}") from None
     else:
         return None
+    if cfg.verify_checksums:
+        _pin_first_use(local, source, pin, progress)
     if not source.archive:
         return downloads
     return _extract_cached(local, source, cache, progress)

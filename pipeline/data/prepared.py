@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from pipeline.config import IGNORE_INDEX, DatasetConfig
 from pipeline.data.catalog import CatalogError, DatasetEntry, get_dataset, palette, template_set
+from pipeline.data.ids import id_problem, path_problem, unsafe_ids_error
 from pipeline.data.shapes import ShapesWorld, scene_rng
 from pipeline.errors import CascadeError
 
@@ -93,6 +94,12 @@ def read_manifest(root: str | Path, split: str | None = None) -> list[dict]:
     if not table.schema.equals(MANIFEST_SCHEMA):
         raise ValueError(f"{path}: manifest schema differs from the expected one:\n{table.schema}\nexpected:\n{MANIFEST_SCHEMA}")
     rows = table.to_pylist()
+    checks = {"id": id_problem, "image": path_problem, "label": path_problem}  # ids and paths become file paths
+    bad = [f"row {n} {column}: {row[column]!r} {problem}" for n, row in enumerate(rows)
+           for column, check in checks.items() if (problem := check(row[column]))]
+    if bad:
+        raise unsafe_ids_error(path, bad, "The manifest is damaged or was not written by prepare_data: re-run "
+                                          "`dvc repro prepare_data`.")
     return [r for r in rows if split is None or r["split"] == split]
 
 

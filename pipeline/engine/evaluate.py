@@ -93,12 +93,16 @@ def predict_split(
     desc: str,
     progress: bool = True,
 ) -> Iterator[tuple[dict, np.ndarray, np.ndarray, torch.Tensor]]:
-    """(manifest row, image, label, scores [C, H, W]) for every row, predicted `cfg.batch_size` images at a time."""
+    """(manifest row, image, label, scores [C, H, W]) for every row, predicted `cfg.batch_size` images at a time.
+
+    A label value that is neither a class id (below C, the number of class embeddings) nor the
+    ignore value stops with a DataFileError naming the file and the values (read_label)."""
+    num_classes = class_embeddings.shape[0]
     with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
         for start in range(0, len(rows), cfg.batch_size):
             chunk = rows[start : start + cfg.batch_size]
             images = [read_image(root / row["image"]) for row in chunk]
-            labels = [read_label(root / row["label"]) for row in chunk]
+            labels = [read_label(root / row["label"], num_classes) for row in chunk]
             scores = predict_batch(model, images, class_embeddings, cfg=cfg, normalize=normalize)
             yield from zip(chunk, images, labels, scores)
             bar.update(len(chunk))

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from pipeline.config import IGNORE_INDEX
 from pipeline.data.catalog import DatasetEntry
+from pipeline.data.ids import id_problem, unsafe_ids_error
 from pipeline.errors import CascadeError
 
 log = logging.getLogger("cascade_clip.data")
@@ -238,12 +239,18 @@ def finish(entry: DatasetEntry, unseen_split: str | None, rows: list[dict], pixe
 
 
 def read_id_list(path: Path) -> list[str]:
-    """Image ids of a split list (one per line), in file order without duplicates."""
+    """Image ids of a split list (one per line), in file order without duplicates; an id that is not
+    a plain file name (`..`, a path separator, a NUL, absolute) is refused with its line number."""
     if not path.is_file():
         raise SourceLayoutError(f"{path}: split list not found; the source folder is incomplete: extract the "
                                 "official archive again (or let prepare_data download it)")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-    return list(dict.fromkeys(ids))
+    numbered = [(n, line.split()[0]) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    bad = [f"line {n}: {image_id!r} {problem}" for n, image_id in numbered if (problem := id_problem(image_id))]
+    if bad:
+        raise unsafe_ids_error(path, bad, "A split list holds one image name per line, without folders (such as "
+                                          "2007_000032): correct or delete these lines, or extract the official "
+                                          "archive again (or let prepare_data download it).")
+    return list(dict.fromkeys(image_id for _, image_id in numbered))
 
 
 def files_by_stem(folder: Path, suffix: str) -> dict[str, Path]:

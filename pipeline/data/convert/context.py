@@ -39,6 +39,7 @@ from pipeline.data.convert.common import (
     convert_items,
     finish,
 )
+from pipeline.data.ids import id_problem, unsafe_ids_error
 
 log = logging.getLogger("cascade_clip.data")
 
@@ -171,6 +172,11 @@ def plan(data: dict, voc: Path, splits: tuple[str, ...], source: str = ANNOTATIO
     by_image: dict[int, list] = defaultdict(list)
     for annotation in data["annos_segmentation"]:
         by_image[annotation["image_id"]].append((int(annotation["category_id"]), annotation["segmentation"]))
+    names = [(n, str(image.get("file_name", ""))) for n, image in enumerate(data["images"])]
+    bad = [f"images[{n}].file_name: {name!r} {problem}" for n, name in names if (problem := id_problem(name))]
+    if bad:
+        raise unsafe_ids_error(source, bad, "Each file_name must be a plain file name such as 2008_000002.jpg; "
+                                            f"this is not the official {ANNOTATION_FILE}: download it again.")
     items, problems = [], []
     for image in data["images"]:
         split = image.get("phase")
