@@ -11,9 +11,10 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import CascadeError
 
@@ -162,11 +163,23 @@ class ClipConfig(Section):
     cache_dir: Path = Path("data/cache/clip")
     """where downloaded CLIP weights are kept"""
     url: str | None = None
-    """download URL of source openai's weights (https:// or file://); null = OpenAI's URL for clip.arch"""
+    """download URL of source openai's weights (http:// or https:// only); null = OpenAI's URL for clip.arch"""
     download: bool = True
     """fetch missing openai weights from the internet; false = only use a file already in cache_dir"""
+    allow_pickle: bool = False
+    """read a checkpoint that is a TorchScript archive or a full pickle (both can run code when loaded: trusted files only); OpenAI's own files, verified by their sha256, are read without it"""
     toy: ToyClipConfig = ToyClipConfig()
     """architecture and pretraining of the toy CLIP (source toy)"""
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"{url!r} is not an http:// or https:// URL; give the weights' web address, or use a "
+                                 "local file with clip.source: file, clip.file: <path>")
+        return url
 
     @model_validator(mode="after")
     def _file_given(self) -> ClipConfig:

@@ -6,9 +6,12 @@
                                 source's own details (file, url, checksum, toy pretraining figures)
 
 Sources (params clip.source): `openai` fetches OpenAI's checkpoint for clip.arch into
-clip.cache_dir (sha256 checked; clip.url / clip.sha256 override OpenAI's URL and checksum),
-`file` reads a local OpenAI JIT archive or open_clip state dict. The toy CLIP is trained by
-pipeline.engine.pretrain and saved here with `save_backbone` like the others.
+clip.cache_dir (sha256 checked; clip.url / clip.sha256 override OpenAI's URL and checksum; an
+interrupted download resumes from its `.part` file), `file` reads a local open_clip state dict.
+TorchScript archives (OpenAI's JIT .pt) and full pickles can run code when loaded: they are read
+only with clip.allow_pickle, or when their sha256 is that of OpenAI's own file for clip.arch.
+Every architecture read from a file is checked by `pipeline.model.clip.check_arch` before anything
+is built. The toy CLIP is trained by pipeline.engine.pretrain and saved here with `save_backbone`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import re
 import socket
 import urllib.error
-import urllib.request
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +33,20 @@ import open_clip
 import torch
 from open_clip.model import CLIP
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from pipeline.config import ClipConfig
+from pipeline.data.download import ChecksumError, DownloadError, RetryPolicy, TransientDownloadError
+from pipeline.data.download import download as download_file
 from pipeline.errors import CascadeError
-from pipeline.io import atomic_file, write_safetensors
-from pipeline.model.clip import arch_config, create_clip, load_clip_state, named_arch, read_clip_checkpoint
+from pipeline.io import write_safetensors
+from pipeline.model.clip import (
+    arch_config,
+    check_arch,
+    create_clip,
+    load_clip_state,
+    named_arch,
+    read_clip_checkpoint,
+)
 from pipeline.model.state import StateDictError, check_state_dict
 
 log = logging.getLogger(__name__)
@@ -95,11 +106,11 @@ def resolve_arch(clip: ClipConfig) -> dict:
         path = Path(clip.arch)
         if not path.is_file():
             raise WeightsError(f"clip.arch: model config {path} not found")
-        arch = json.loads(path.read_text())
-        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in arch]
-        if missing:
-            raise WeightsError(f"{path}: not an open_clip model config, it lacks {', '.join(missing)}")
-        return arch
+        try:
+            arch = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise WeightsError(f"{path}: not an open_clip model config (not valid JSON: {exc}); check clip.arch") from None
+        return check_arch(arch, source=str(path))
     try:
         return named_arch(clip.arch)
     except ValueError as exc:
@@ -129,6 +140,12 @@ def openai_download(clip: ClipConfig) -> Download:
     return Download(url=url, path=Path(clip.cache_dir) / name, sha256=clip.sha256 or _sha256_in_url(url))
 
 
+def openai_sha256(arch: str) -> str | None:
+    """The sha256 of OpenAI's own checkpoint of `arch` (from open_clip's URL); None where OpenAI published none."""
+    url = open_clip.get_pretrained_url(arch, OPENAI_TAG)
+    return _sha256_in_url(url) if url else None
+
+
 def _sha256_in_url(url: str) -> str | None:
     """OpenAI's URLs carry the file's sha256 as the folder name (.../models/<sha256>/ViT-B-16.pt)."""
     folder = Path(urlparse(url).path).parent.name
@@ -153,7 +170,10 @@ def fetch_openai_weights(clip: ClipConfig, *, progress: bool = True) -> Path:
         raise WeightsUnavailable(_absent_message(clip, spec, "clip.download is false"))
     try:
         download(spec.url, spec.path, spec.sha256, progress=progress)
-    except (urllib.error.URLError, OSError) as exc:
+    except DownloadError as exc:
+        raise WeightsUnavailable(_absent_message(clip, spec, f"download failed: {_first_sentence(exc)}"),
+                                 transient=isinstance(exc, TransientDownloadError)) from exc
+    except OSError as exc:
         raise WeightsUnavailable(_absent_message(clip, spec, f"download failed: {_reason(exc)}"),
                                  transient=_is_transient(exc)) from exc
     return spec.path
@@ -173,18 +193,28 @@ def _absent_message(clip: ClipConfig, spec: Download, reason: str) -> str:
 
 
 def download(url: str, target: Path, sha256: str | None, *, progress: bool = True) -> None:
-    """Stream `url` (https:// or file://) into `target`, atomically, checking `sha256` before it lands."""
-    digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as source, atomic_file(target) as out:
-        total = int(source.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}", disable=not progress) as bar:
-            while chunk := source.read(_CHUNK):
-                out.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-        if sha256 and digest.hexdigest() != sha256.lower():
-            raise WeightsError(f"{url}: downloaded file has sha256 {digest.hexdigest()}, expected {sha256.lower()}; "
-                               "nothing was kept. Check clip.url / clip.sha256")
+    """Fetch `url` into `target` with pipeline.data.download, checking `sha256` before the file lands.
+
+    Bytes go to `<target>.part`, which the next call resumes with an HTTP Range request; there are no
+    retries here, the backbone stage's task retries (each resuming). On a checksum mismatch nothing
+    is kept, so the next call downloads afresh.
+    """
+    policy = RetryPolicy(retries=0, timeout=DOWNLOAD_TIMEOUT_S)
+    try:
+        download_file(url, target, checksums={"sha256": sha256.lower()} if sha256 else {}, policy=policy,
+                      progress=progress)
+    except ChecksumError:
+        corrupt = target.with_name(target.name + ".corrupt")  # where pipeline.data.download moves a bad file
+        actual = sha256_file(corrupt) if corrupt.is_file() else "unknown"
+        corrupt.unlink(missing_ok=True)
+        raise WeightsError(f"{url}: downloaded file has sha256 {actual}, expected {sha256.lower()}; nothing was kept. "
+                           "Check clip.url / clip.sha256") from None
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """A download error's first sentence: what failed. The rest is pipeline.data.download's advice for
+    datasets (dataset.source_dir), which `_absent_message` replaces with the CLIP cache's."""
+    return str(exc).split(". ", 1)[0]
 
 
 def _reason(exc: BaseException) -> str:
@@ -221,7 +251,8 @@ def checkpoint_path(clip: ClipConfig, *, progress: bool = True) -> tuple[Path, d
     if clip.source == "file":
         path = Path(clip.file)
         if not path.is_file():
-            raise WeightsError(f"clip.file: {path} not found; give the path of an OpenAI JIT .pt or open_clip checkpoint")
+            raise WeightsError(f"clip.file: {path} not found; give the path of an open_clip checkpoint "
+                               "(.safetensors or .pt; an OpenAI JIT .pt needs clip.allow_pickle: true)")
         if clip.sha256:
             digest = verify_sha256(path, clip.sha256, what="clip.sha256", fix="check clip.file and clip.sha256")
         else:
@@ -231,11 +262,19 @@ def checkpoint_path(clip: ClipConfig, *, progress: bool = True) -> tuple[Path, d
 
 
 def load_pretrained(clip: ClipConfig, *, progress: bool = True) -> Pretrained:
-    """Source openai or file: fetch/verify the checkpoint, read it, load it strictly into clip.arch."""
+    """Source openai or file: fetch/verify the checkpoint, read it, load it strictly into clip.arch.
+
+    A TorchScript archive or full pickle is read only with clip.allow_pickle, or when it is OpenAI's own
+    checkpoint of clip.arch (its sha256 is the one in OpenAI's URL).
+    """
     arch = resolve_arch(clip)
     path, details = checkpoint_path(clip, progress=progress)
+    official = clip.source == "openai" and details["source_sha256"] == openai_sha256(clip.arch)
     try:
-        state = read_clip_checkpoint(path)
+        with warnings.catch_warnings():
+            if official:  # OpenAI's own file, verified by its sha256: no "trusted files only" warning
+                warnings.filterwarnings("ignore", message=".*allow_pickle", category=UserWarning)
+            state = read_clip_checkpoint(path, allow_pickle=clip.allow_pickle or official)
     except (ValueError, RuntimeError) as exc:
         raise WeightsError(f"{path}: cannot be read as CLIP weights: {exc}") from None
     model = create_clip(arch)
@@ -304,13 +343,13 @@ def load_backbone(folder: str | Path) -> Backbone:
     """(arch, state, meta) of a backbone folder: sha256 verified, every key and shape checked against arch."""
     folder = Path(folder)
     meta = read_backbone_meta(folder)
+    arch = check_arch(meta.get("arch"), source=str(folder / META_FILE))
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise WeightsError(f"{weights}: backbone weights not found; run `dvc repro backbone` first")
     verify_sha256(weights, meta["sha256"], what=str(folder / META_FILE),
                   fix="the weights were changed or damaged after they were written; re-run `dvc repro backbone`")
     state = load_file(str(weights), device="cpu")
-    arch = meta["arch"]
     with torch.device("meta"):
         expected = {k: v.shape for k, v in create_clip(arch).state_dict().items()}
     try:

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from pipeline.config import ClipConfig, ToyClipConfig, render_params_yaml
+from pipeline.errors import CascadeError
 from pipeline.model.clip import create_clip, toy_arch
 from pipeline.weights import (
     META_FILE,
@@ -29,6 +30,7 @@ from pipeline.tracking import TAG_STAGE
 from stages import backbone as backbone_stage
 from stages.common import run_stage
 from tests.conftest import REPO
+from tests.http_server import FileServer
 from tests.test_layering import ORCHESTRATION, imported_modules, top_level
 
 TINY = dict(embed_dim=16, image_size=32, patch_size=8, width=32, layers=2, head_width=16,
@@ -98,14 +100,42 @@ def test_file_source_round_trip_open_clip_state_dict(tmp_path):
     assert torch.allclose(rebuilt.encode_text(tokens), model.encode_text(tokens), atol=1e-6)
 
 
-def test_file_source_reads_an_openai_jit_archive_in_fp16(tmp_path):
+def test_file_source_reads_an_openai_jit_archive_in_fp16_when_allowed(tmp_path):
     write_openai_archive(tmp_path / "ViT-tiny.pt")
     clip = ClipConfig(source="file", file=tmp_path / "ViT-tiny.pt", arch=str(write_arch(tmp_path)),
-                      sha256=sha256(tmp_path / "ViT-tiny.pt"))
+                      sha256=sha256(tmp_path / "ViT-tiny.pt"), allow_pickle=True)
     loaded = load_pretrained(clip, progress=False)
     state = loaded.model.state_dict()
     assert all(v.dtype == torch.float32 for v in state.values())
     assert_same_weights(state, tiny_clip().half(), atol=0)  # fp16 values, now stored as fp32
+
+
+class Opaque:
+    """An object only full unpickling can rebuild (it stands for any code a pickle may run)."""
+
+
+def test_file_source_refuses_torchscript_and_pickles_without_allow_pickle(tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("torch.jit.load was called on an untrusted file")
+
+    write_openai_archive(tmp_path / "ViT-tiny.pt")
+    torch.save({"state_dict": tiny_clip().state_dict(), "args": Opaque()}, tmp_path / "pickled.pt")
+    arch = str(write_arch(tmp_path))
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.jit, "load", never)
+        with pytest.raises(WeightsError) as info:
+            load_pretrained(ClipConfig(source="file", file=tmp_path / "ViT-tiny.pt", arch=arch), progress=False)
+    message = str(info.value)
+    assert str(tmp_path / "ViT-tiny.pt") in message and "TorchScript" in message
+    assert "clip.allow_pickle: true" in message and "safetensors" in message
+    with pytest.raises(WeightsError) as info:
+        load_pretrained(ClipConfig(source="file", file=tmp_path / "pickled.pt", arch=arch), progress=False)
+    message = str(info.value)
+    assert str(tmp_path / "pickled.pt") in message and "clip.allow_pickle: true" in message
+    with pytest.warns(UserWarning, match="allow_pickle"):
+        loaded = load_pretrained(ClipConfig(source="file", file=tmp_path / "pickled.pt", arch=arch, allow_pickle=True),
+                                 progress=False)
+    assert_same_weights(loaded.model.state_dict(), tiny_clip())
 
 
 def test_file_source_with_wrong_sha256_names_both_hashes(tmp_path):
@@ -149,6 +179,42 @@ def test_load_backbone_rejects_modified_weights(tmp_path):
         load_backbone(out)
 
 
+@pytest.mark.parametrize("section, key, value", [
+    ("text_cfg", "hf_model_name", "bert-base-uncased"),  # open_clip would fetch it from the Hugging Face hub
+    ("vision_cfg", "timm_model_pretrained", True),  # timm would download ImageNet weights
+    ("vision_cfg", "layers", 0),
+    ("text_cfg", "vocab_size", 10**13),
+])
+def test_load_backbone_validates_the_arch_in_clip_json_before_building(tmp_path, monkeypatch, section, key, value):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # if anything did try to download, it fails at once
+    out = tmp_path / "backbone"
+    out.mkdir()
+    meta = save_backbone(out, tiny_arch(), tiny_clip(), source="toy")
+    meta["arch"][section][key] = value
+    (out / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CascadeError) as info:
+        load_backbone(out)
+    assert str(out / META_FILE) in str(info.value) and f"arch.{section}.{key}" in str(info.value)
+
+
+def test_arch_json_file_is_validated_naming_the_file_and_key(tmp_path):
+    arch = tiny_arch()
+    arch["vision_cfg"]["timm_model_name"] = "vit_base_patch16_224"
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    torch.save(tiny_clip().state_dict(), tmp_path / "ckpt.pt")
+    clip = ClipConfig(source="file", file=tmp_path / "ckpt.pt", arch=str(tmp_path / "arch.json"))
+    with pytest.raises(CascadeError) as info:
+        load_pretrained(clip, progress=False)
+    assert str(tmp_path / "arch.json") in str(info.value) and "vision_cfg.timm_model_name" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16-quickgelu", "ViT-L-14", "ViT-L-14-336", "ViT-H-14"])
+def test_arch_validation_admits_the_large_openai_and_laion_vits(name):
+    from pipeline.model.clip import check_arch, named_arch
+
+    assert check_arch(named_arch(name), source=name) == named_arch(name)
+
+
 def test_load_backbone_checks_keys_and_shapes_against_its_arch(tmp_path):
     out = tmp_path / "backbone"
     out.mkdir()
@@ -160,7 +226,7 @@ def test_load_backbone_checks_keys_and_shapes_against_its_arch(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# source openai, offline: files placed where the code looks, file:// downloads
+# source openai, offline: files placed where the code looks, downloads from a local HTTP server
 # --------------------------------------------------------------------------------------------
 def test_openai_source_is_looked_up_in_the_cache_under_openais_file_name(tmp_path):
     spec = openai_download(ClipConfig(source="openai", cache_dir=tmp_path))
@@ -183,11 +249,27 @@ def test_openai_source_uses_a_file_placed_in_the_cache(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     write_openai_archive(cache / "ViT-B-16.pt")
-    clip = ClipConfig(source="openai", cache_dir=cache, download=False, sha256=sha256(cache / "ViT-B-16.pt"))
+    clip = ClipConfig(source="openai", cache_dir=cache, download=False, sha256=sha256(cache / "ViT-B-16.pt"),
+                      allow_pickle=True)  # a TorchScript archive that is not OpenAI's own (other sha256)
     assert fetch_openai_weights(clip, progress=False) == cache / "ViT-B-16.pt"
     # the tiny file is not ViT-B/16: strict loading names what does not fit
     with pytest.raises(WeightsError, match=r"does not fit architecture ViT-B-16-quickgelu[\s\S]*shape mismatch"):
         load_pretrained(clip, progress=False)
+
+
+def test_openais_own_torchscript_file_is_read_without_allow_pickle(tmp_path, monkeypatch, recwarn):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write_openai_archive(cache / "ViT-B-16.pt")
+    digest = sha256(cache / "ViT-B-16.pt")
+    clip = ClipConfig(source="openai", arch=str(write_arch(tmp_path)), cache_dir=cache, download=False,
+                      url="https://example.org/ViT-B-16.pt", sha256=digest)
+    with pytest.raises(WeightsError, match="clip.allow_pickle: true"):
+        load_pretrained(clip, progress=False)
+    monkeypatch.setattr("pipeline.weights.openai_sha256", lambda arch: digest)  # as if OpenAI published this file
+    loaded = load_pretrained(clip, progress=False)
+    assert_same_weights(loaded.model.state_dict(), tiny_clip().half())
+    assert not [w for w in recwarn if "allow_pickle" in str(w.message)]
 
 
 def test_openai_source_rejects_a_cached_file_with_the_wrong_checksum(tmp_path):
@@ -197,33 +279,52 @@ def test_openai_source_rejects_a_cached_file_with_the_wrong_checksum(tmp_path):
     assert OPENAI_SHA in str(info.value) and "delete it" in str(info.value)
 
 
-def test_openai_source_downloads_from_a_file_url_and_loads_strictly(tmp_path):
-    remote = tmp_path / "remote"
-    remote.mkdir()
-    write_openai_archive(remote / "ViT-B-16.pt")
-    clip = ClipConfig(source="openai", arch=str(write_arch(tmp_path)), cache_dir=tmp_path / "cache",
-                      url=(remote / "ViT-B-16.pt").as_uri(), sha256=sha256(remote / "ViT-B-16.pt"))
-    loaded = load_pretrained(clip, progress=False)
+def test_openai_source_downloads_over_http_and_loads_strictly(tmp_path):
+    write_openai_archive(tmp_path / "ViT-B-16.pt")
+    payload = (tmp_path / "ViT-B-16.pt").read_bytes()
+    with FileServer(payload) as server:
+        clip = ClipConfig(source="openai", arch=str(write_arch(tmp_path)), cache_dir=tmp_path / "cache",
+                          url=server.url("ViT-B-16.pt"), sha256=sha256(tmp_path / "ViT-B-16.pt"), allow_pickle=True)
+        loaded = load_pretrained(clip, progress=False)
     cached = tmp_path / "cache" / "ViT-B-16.pt"
-    assert cached.read_bytes() == (remote / "ViT-B-16.pt").read_bytes()
+    assert cached.read_bytes() == payload
     assert loaded.details["source_url"] == clip.url
     assert_same_weights(loaded.model.state_dict(), tiny_clip().half())
-    assert not list((tmp_path / "cache").glob(".*tmp-*"))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["ViT-B-16.pt"]
+
+
+def test_interrupted_weights_download_resumes_from_its_part_file(tmp_path):
+    payload = bytes(range(256)) * 1200
+    with FileServer(payload, plan=["cut:100000"]) as server:
+        clip = ClipConfig(source="openai", cache_dir=tmp_path / "cache", url=server.url("w.pt"),
+                          sha256=hashlib.sha256(payload).hexdigest())
+        with pytest.raises(WeightsUnavailable) as info:
+            fetch_openai_weights(clip, progress=False)
+        assert info.value.transient
+        part = tmp_path / "cache" / "w.pt.part"
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == ["w.pt.part"]  # nothing else is left behind
+        assert part.read_bytes() == payload[:100_000]
+        assert fetch_openai_weights(clip, progress=False) == tmp_path / "cache" / "w.pt"
+    assert [r["range"] for r in server.requests] == [None, "bytes=100000-"]
+    assert (tmp_path / "cache" / "w.pt").read_bytes() == payload
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["w.pt"]
 
 
 def test_download_with_the_wrong_checksum_keeps_nothing(tmp_path):
-    (tmp_path / "w.pt").write_bytes(b"weights")
-    clip = ClipConfig(source="openai", cache_dir=tmp_path / "cache", url=(tmp_path / "w.pt").as_uri(), sha256="00" * 32)
-    with pytest.raises(WeightsError, match="downloaded file has sha256"):
-        fetch_openai_weights(clip, progress=False)
+    with FileServer(b"weights") as server:
+        clip = ClipConfig(source="openai", cache_dir=tmp_path / "cache", url=server.url("w.pt"), sha256="00" * 32)
+        with pytest.raises(WeightsError, match="downloaded file has sha256"):
+            fetch_openai_weights(clip, progress=False)
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_unreachable_url_is_a_clear_error(tmp_path):
-    clip = ClipConfig(source="openai", cache_dir=tmp_path / "cache", url=(tmp_path / "absent" / "w.pt").as_uri())
-    with pytest.raises(WeightsUnavailable, match="download failed") as info:
-        fetch_openai_weights(clip, progress=False)
+    with FileServer(b"weights", plan=["404"]) as server:
+        clip = ClipConfig(source="openai", cache_dir=tmp_path / "cache", url=server.url("w.pt"))
+        with pytest.raises(WeightsUnavailable, match="download failed") as info:
+            fetch_openai_weights(clip, progress=False)
     assert str((tmp_path / "cache" / "w.pt").resolve()) in str(info.value)
+    assert not info.value.transient and "dataset.source_dir" not in str(info.value)
 
 
 def test_weights_and_text_code_never_import_orchestration():

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -101,3 +103,49 @@ def test_overrides_and_hash():
 def test_missing_file_says_how_to_fix(tmp_path):
     with pytest.raises(ParamsError, match="--params"):
         load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("url", ["file:///tmp/ViT-B-16.pt", "ftp://example.org/ViT-B-16.pt", "openaipublic.azureedge.net/x.pt",
+                                 "https:///no-host.pt"])
+def test_clip_url_must_be_http_or_https(url):
+    with pytest.raises(ParamsError) as info:
+        validate_params({"clip": {"source": "openai", "url": url}})
+    message = str(info.value)
+    assert "clip.url" in message and "http" in message and repr(url) in message
+    assert Params.model_validate({"clip": {"url": "https://example.org/models/ViT-B-16.pt"}}).clip.url
+    assert Params.model_validate({"clip": {"url": "http://127.0.0.1:8000/ViT-B-16.pt"}}).clip.url
+
+
+def test_apply_preset_keeps_the_files_comments_layout_and_mode(tmp_path, capsys):
+    from pipeline.cli import main
+
+    path = tmp_path / "params.yaml"
+    text = (REPO / "params.yaml").read_text()
+    text = text.replace("\nseed: 0\n", "\n# my note: seed 7 matches the lab notebook\nseed: 7  # keep\n")
+    text = text.replace("  iterations: 600\n", "  iterations: 600  # the preset changes this\n", 1)
+    path.write_text(text)
+    path.chmod(0o640)
+    expected = load_params(path, preset="voc12")
+    assert main(["params", "--apply-preset", "voc12", "--file", str(path)]) == 0
+    after = path.read_text()
+    assert "# my note: seed 7 matches the lab notebook\nseed: 7  # keep\n" in after
+    assert re.search(r"\n  iterations: 20000 +# the preset changes this\n", after)  # the comment stays on its line
+    assert "  # where CLIP weights come from" in after  # the file's own comments, not regenerated ones
+    changed = [line for line in after.splitlines() if line not in text.splitlines()]
+    assert changed and all(":" in line and not line.lstrip().startswith("#") for line in changed)
+    assert len(after.splitlines()) == len(text.splitlines())  # only the preset's keys' lines changed
+    assert load_params(path) == expected
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert "voc12 applied" in capsys.readouterr().out
+
+
+def test_apply_preset_adds_keys_the_file_lacks(tmp_path):
+    from pipeline.cli import main
+
+    path = tmp_path / "short.yaml"
+    path.write_text("# a short params file\nseed: 3\ntrain:\n  # fewer steps\n  iterations: 5\n")
+    expected = load_params(path, preset="voc12")
+    assert main(["params", "--apply-preset", "voc12", "--file", str(path)]) == 0
+    after = path.read_text()
+    assert after.startswith("# a short params file\nseed: 3\ntrain:\n  # fewer steps\n  iterations: 20000\n")
+    assert load_params(path) == expected

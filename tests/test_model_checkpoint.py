@@ -69,3 +69,36 @@ def test_load_trainable_rejects_a_different_model(tmp_path):
     path = save_trainable(tiny_model(prompt_tokens=3), tmp_path / "t.safetensors")
     with pytest.raises(StateDictError, match="encoder.prompts.embeddings"):
         load_trainable(tiny_model(prompt_tokens=4), path)
+
+
+def _with_arch(tmp_path, edit) -> "Path":
+    """A copy of a saved tiny model file whose metadata arch was changed by `edit` (tensors unchanged)."""
+    from pipeline.model.checkpoint import read_metadata
+
+    path = save(tiny_model(), tmp_path / "model.safetensors")
+    meta = read_metadata(path)
+    arch = json.loads(meta["arch"])
+    edit(arch)
+    meta["arch"] = json.dumps(arch)
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(path)), str(bad), metadata=meta)
+    return bad
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda a: a["text_cfg"].update(hf_model_name="bert-base-uncased"), "arch.text_cfg.hf_model_name"),
+    (lambda a: a["vision_cfg"].update(timm_model_name="vit_tiny_patch16_224", timm_model_pretrained=True),
+     "arch.vision_cfg.timm_model_"),
+    (lambda a: a.update(cast_dtype="float16"), "arch.cast_dtype"),
+    (lambda a: a["text_cfg"].update(vocab_size=10**13), "arch.text_cfg.vocab_size"),
+    (lambda a: a["vision_cfg"].update(patch_size=-8), "arch.vision_cfg.patch_size"),
+    (lambda a: a.pop("vision_cfg"), "arch.vision_cfg"),
+])
+def test_load_validates_the_files_arch_before_building_anything(tmp_path, monkeypatch, edit, key):
+    from pipeline.errors import CascadeError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # if anything did try to download, it fails at once
+    bad = _with_arch(tmp_path, edit)
+    with pytest.raises(CascadeError) as info:
+        load(bad)
+    assert str(bad) in str(info.value) and key in str(info.value)

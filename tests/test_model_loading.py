@@ -38,7 +38,10 @@ def test_read_openai_jit_archive(tmp_path):
     clip = _reference_clip()
     traced = torch.jit.trace(clip, (torch.randn(1, 3, 32, 32), torch.randint(0, 100, (1, 8))), check_trace=False)
     traced.save(str(tmp_path / "ViT-tiny.pt"))
-    state = read_clip_checkpoint(tmp_path / "ViT-tiny.pt")
+    with pytest.raises(ValueError, match="TorchScript"):
+        read_clip_checkpoint(tmp_path / "ViT-tiny.pt")  # it can run code: read only when allowed
+    with pytest.warns(UserWarning, match="allow_pickle"):
+        state = read_clip_checkpoint(tmp_path / "ViT-tiny.pt", allow_pickle=True)
     fresh = create_clip(tiny_arch())
     load_clip_state(fresh, state)
     assert _same_weights(fresh, clip.state_dict())
@@ -87,3 +90,16 @@ def test_build_model_with_clip_weights_uses_them():
     tokens = torch.randint(0, 49407, (2, 8))
     with torch.no_grad():
         assert torch.allclose(model.text_encoder(tokens), clip.encode_text(tokens), atol=1e-6)
+
+
+def test_declared_torch_floor_is_the_first_with_a_safe_weights_only_load():
+    """torch.load(weights_only=True) can be bypassed before torch 2.6 (CVE-2025-32434); users install from pyproject."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from tests.conftest import REPO
+
+    requirements = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    [torch_req] = [Requirement(r) for r in requirements if Requirement(r).name == "torch"]
+    assert not torch_req.specifier.contains("2.5.1") and torch_req.specifier.contains("2.6.0")

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -18,6 +19,7 @@ from pipeline.config import ModelConfig
 from pipeline.io import write_safetensors
 from pipeline.model.build import build_model
 from pipeline.model.cascade import CascadeCLIP
+from pipeline.model.clip import ArchError, check_arch
 from pipeline.model.state import StateDictError, check_state_dict
 
 FORMAT = "cascade-clip-model/1"  # metadata "format" of a full model file
@@ -66,16 +68,21 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> CascadeCLIP:
-    """Rebuild a model saved with `save`, checking every key and shape."""
+    """Rebuild a model saved with `save`: its configs validated (the arch by `check_arch`) before anything
+    is built, then every key and shape checked."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a Cascade-CLIP model file (format {meta.get('format')!r}, expected {FORMAT!r})")
-    model_cfg = ModelConfig.model_validate_json(meta["model_config"])
-    arch = json.loads(meta["arch"])
-    model = build_model(model_cfg, arch)
+    try:
+        model_cfg = ModelConfig.model_validate_json(meta.get("model_config", ""))
+        arch = json.loads(meta.get("arch", ""))
+    except (ValidationError, json.JSONDecodeError) as exc:
+        raise ArchError(f"{path}: the model or arch config in its metadata is not valid ({exc}); write the file "
+                        "again with this version (`dvc repro`, or `cascade-clip import-checkpoint`)") from None
+    model = build_model(model_cfg, check_arch(arch, source=str(path)))
     state = load_file(str(path), device="cpu")
     expected = {k: v.shape for k, v in model.state_dict().items()}
     try:
