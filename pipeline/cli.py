@@ -21,12 +21,11 @@ def _cmd_params(args: argparse.Namespace) -> int:
         sys.stdout.write(render_params_yaml())
         return 0
     if args.apply_preset:
-        from pipeline.io import atomic_file
+        from pipeline.experiments import apply_preset
 
-        merged = load_params(args.file, preset=args.apply_preset)
-        with atomic_file(args.file, "w") as handle:
-            handle.write(render_params_yaml(merged))
-        print(f"{args.file}: preset {args.apply_preset} applied (commit it, then `dvc repro`)")
+        changed = apply_preset(args.file, args.apply_preset)
+        print(f"{args.file}: preset {args.apply_preset} applied, {len(changed)} keys changed, comments kept "
+              "(commit it, then `dvc repro`)")
         return 0
     rows = describe_fields()
     width = max(len(key) for key, _, _ in rows)
@@ -85,6 +84,8 @@ def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
 
     from pipeline.model.tools import import_release_checkpoint
 
+    if args.out.exists() and not args.overwrite:
+        raise CascadeError(f"{args.out} exists; pass --overwrite to replace it, or choose another output file")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         summary = import_release_checkpoint(args.src, args.out, args.preset, allow_pickle=args.allow_pickle)
@@ -105,11 +106,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from pipeline.config import load_params
     from pipeline.data.catalog import palette
-    from pipeline.predict import Segmenter, find_images, parse_classes
+    from pipeline.predict import Segmenter, output_files, parse_classes, plan_outputs
     from pipeline.viz import close, legend_figure
 
     classes = parse_classes(args.classes)
-    images = find_images(args.inputs)
+    plan = plan_outputs(args.inputs, args.out, scores=args.scores, overwrite=args.overwrite)
     model_path = args.model or next((Path(m) for m in DEFAULT_MODELS if Path(m).is_file()), Path(DEFAULT_MODELS[-1]))
     inference = load_params(args.params).evaluate if args.params.is_file() else None
     if inference is not None:
@@ -117,19 +118,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                                                      "stride": args.stride, "short_side": args.short_side}.items() if v})
     segmenter = Segmenter.from_file(model_path, device=args.device, templates=args.templates, inference=inference)
     colours = palette(len(classes))
-    args.out.mkdir(parents=True, exist_ok=True)
-    for path in tqdm(images, desc="segmenting", unit="img", disable=len(images) < 2):
+    for path, stem in tqdm(plan, desc="segmenting", unit="img", disable=len(plan) < 2):
         result = segmenter(path, classes, threshold=args.threshold)
-        stem = args.out / path.stem
-        Image.fromarray(result.label.astype(np.uint8)).save(f"{stem}_label.png")
+        label_file, overlay_file, *scores_file = output_files(stem, scores=args.scores)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(result.label.astype(np.uint8)).save(label_file)
         figure = legend_figure(np.asarray(Image.open(path).convert("RGB")), result.label, classes, colours)
-        figure.savefig(f"{stem}_overlay.png", dpi=110, bbox_inches="tight")
+        figure.savefig(overlay_file, dpi=110, bbox_inches="tight")
         close(figure)
-        if args.scores:
-            np.save(f"{stem}_scores.npy", result.scores.astype(np.float16))
+        if scores_file:
+            np.save(scores_file[0], result.scores.astype(np.float16))
         present = ", ".join(f"{classes[i]} {np.mean(result.label == i) * 100:.0f}%" for i in np.unique(result.label) if i < len(classes))
         tqdm.write(f"{path}: {present}")
-    print(f"wrote {len(images)} label maps and overlays to {args.out} (model {model_path})")
+    print(f"wrote {len(plan)} label maps and overlays to {args.out} (model {model_path})")
     return 0
 
 
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="list every parameter with its meaning, or check a params file")
     p.add_argument("--check", type=Path, metavar="FILE", help="validate FILE and report every problem")
     p.add_argument("--defaults", action="store_true", help="print a params.yaml with the defaults and comments")
-    p.add_argument("--apply-preset", metavar="NAME", help="merge presets/NAME.yaml into --file (rewritten with comments)")
+    p.add_argument("--apply-preset", metavar="NAME", help="merge presets/NAME.yaml into --file in place: only the preset's keys change, comments stay")
     p.add_argument("--file", type=Path, default=Path("params.yaml"), help="params file for --apply-preset")
     p.set_defaults(func=_cmd_params)
 
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="model file to write (.safetensors)")
     p.add_argument("--preset", choices=[x for x in presets if x != "demo"], required=True, help="model configuration of the checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="unpickle arbitrary objects (trusted files only; prints a warning)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
     p.set_defaults(func=_cmd_import_checkpoint)
 
     p = sub.add_parser("compare", help="table of mIoU^S / mIoU^U / hIoU of evaluation runs in MLflow, best model registered")
@@ -239,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files or folders of images")
     p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,dog,grass"')
     p.add_argument("--model", type=Path, default=None, help=f"model file (default: the first of {', '.join(DEFAULT_MODELS)} that exists)")
-    p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
+    p.add_argument("--out", type=Path, default=Path("predictions"),
+                   help="output folder; images from a given folder keep their subfolders under it")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run (default: refuse)")
     p.add_argument("--templates", default=None, help="template set (single, paper15); default: the model's own")
     p.add_argument("--threshold", type=float, default=0.0, help="pixels whose best score is below this stay unlabelled (255)")
     p.add_argument("--scores", action="store_true", help="also write per-class score maps (<name>_scores.npy, float16 [C, H, W])")

@@ -27,6 +27,8 @@ from pipeline.errors import CascadeError
 from pipeline.model import CascadeCLIP, load, make_tokenizer, model_extra
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+OUTPUT_SUFFIXES = ("_label.png", "_overlay.png")  # written for every image, appended to its output stem
+SCORES_SUFFIX = "_scores.npy"  # written too with --scores
 
 
 @dataclass
@@ -49,17 +51,55 @@ def parse_classes(text: str | Sequence[str]) -> list[str]:
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     """Files as given, and every image file inside given folders (sorted)."""
+    return [path for path, _ in _images_with_stems(inputs)]
+
+
+def _images_with_stems(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
+    """(image, output stem relative to the output folder) for every image of `inputs`, in order."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+            images = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found.extend((p, p.relative_to(item).with_suffix("")) for p in images)
         elif item.is_file():
-            found.append(item)
+            found.append((item, Path(item.stem)))
         else:
             raise CascadeError(f"{item}: no such file or folder")
     if not found:
         raise CascadeError(f"no images found in {', '.join(map(str, inputs))} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return found
+    return list(dict.fromkeys(found))  # an image given twice the same way is segmented once
+
+
+def output_files(stem: Path, *, scores: bool) -> list[Path]:
+    """The files `cascade-clip predict` writes for one image: label map, overlay, and scores if asked."""
+    return [stem.with_name(stem.name + suffix) for suffix in OUTPUT_SUFFIXES + ((SCORES_SUFFIX,) if scores else ())]
+
+
+def plan_outputs(inputs: Sequence[str | Path], out: Path, *, scores: bool, overwrite: bool) -> list[tuple[Path, Path]]:
+    """(image, output stem under `out`) for every image of `inputs`, checked before anything is written.
+
+    An image inside a given folder keeps its path relative to that folder (day/img.png -> out/day/img),
+    so same-named images in different subfolders do not collide; an image given directly keeps only its
+    name. Two images that would still write the same files (a/img.png and b/img.png given directly, or
+    img.png beside img.jpg) are an error naming both, as are outputs that exist already, unless
+    `overwrite`: nothing is written over silently.
+    """
+    plan, owner = [], {}
+    for image, stem in _images_with_stems(inputs):
+        target = out / stem
+        other = owner.setdefault(target, image)
+        if other != image:
+            raise CascadeError(f"{other} and {image} would both be written as {target}_label.png; give their common "
+                               "folder instead (its subfolders are kept under --out), or segment them in separate runs "
+                               "with different --out")
+        plan.append((image, target))
+    if not overwrite:
+        existing = [f for _, target in plan for f in output_files(target, scores=scores) if f.exists()]
+        if existing:
+            more = f" (and {len(existing) - 1} more outputs)" if len(existing) > 1 else ""
+            raise CascadeError(f"{existing[0]} exists{more}; pass --overwrite to replace earlier predictions, or "
+                               "choose another --out")
+    return plan
 
 
 class Segmenter:

@@ -19,3 +19,15 @@ def test_model_info_table_lists_the_trainable_count(capsys):
     assert main(["model-info", "--preset", "coco"]) == 0
     out = capsys.readouterr().out
     assert "23,117,574" in out
+
+
+def test_import_checkpoint_refuses_to_overwrite_out_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"an earlier import")
+    argv = ["import-checkpoint", str(tmp_path / "iter_80000.pth"), str(out), "--preset", "coco"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--overwrite" in err and "release checkpoint not found" not in err
+    assert out.read_bytes() == b"an earlier import"
+    assert main([*argv, "--overwrite"]) == 2  # past the check: now the missing source is reported
+    assert "release checkpoint not found" in capsys.readouterr().err

@@ -94,3 +94,51 @@ def test_model_file_that_does_not_match_its_config_is_rejected(tmp_path):
     save_file(state, str(tmp_path / "broken.safetensors"), metadata=read_metadata(path))
     with pytest.raises(Exception, match=r"(?s)broken.safetensors: state dict does not match.*missing \(1\)"):
         Segmenter.from_file(tmp_path / "broken.safetensors")
+
+
+def _image(path, size=(32, 40), seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _predict(model_file, out, *inputs, extra=()):
+    return main(["predict", *map(str, inputs), "--classes", "a,b", "--model", str(model_file), "--out", str(out),
+                 "--mode", "whole", "--short-side", "32", *extra])
+
+
+def test_cli_keeps_the_input_folders_structure_under_out(model_file, tmp_path):
+    _image(tmp_path / "shots" / "day" / "img.png", seed=1)
+    _image(tmp_path / "shots" / "night" / "img.png", seed=2)
+    _image(tmp_path / "shots" / "top.jpg", seed=3)
+    out = tmp_path / "out"
+    assert _predict(model_file, out, tmp_path / "shots") == 0
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert written == ["day/img_label.png", "day/img_overlay.png", "night/img_label.png", "night/img_overlay.png",
+                       "top_label.png", "top_overlay.png"]
+
+
+def test_cli_refuses_inputs_that_would_write_the_same_outputs(model_file, tmp_path, capsys):
+    a, b = _image(tmp_path / "a" / "img.png"), _image(tmp_path / "b" / "img.png")
+    out = tmp_path / "out"
+    assert _predict(model_file, out, a, b) == 2
+    err = capsys.readouterr().err
+    assert str(a) in err and str(b) in err and str(out / "img_label.png") in err
+    _image(tmp_path / "a" / "img.jpg")  # same stem in one folder
+    assert _predict(model_file, out, tmp_path / "a") == 2
+    assert "img.jpg" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_refuses_to_overwrite_outputs_without_overwrite(model_file, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _predict(model_file, out, images) == 0
+    (out / "im1_overlay.png").write_bytes(b"mine")  # a file a user edited since
+    before = {p: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert _predict(model_file, out, images) == 2
+    err = capsys.readouterr().err
+    assert str(out / "im0_label.png") in err and "--overwrite" in err
+    assert {p: p.read_bytes() for p in out.iterdir()} == before  # nothing was written
+    assert _predict(model_file, out, images, extra=["--overwrite"]) == 0
+    assert (out / "im1_overlay.png").read_bytes() != b"mine"
