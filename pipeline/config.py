@@ -295,7 +295,9 @@ class TrainConfig(Section):
     lr_mult: float = Field(10.0, gt=0)
     """learning-rate multiplier of prompts and decode head"""
     weight_decay: float = Field(0.01, ge=0)
-    """AdamW weight decay (not applied to norms)"""
+    """AdamW weight decay"""
+    weight_decay_rule: Literal["release", "no_norms"] = "release"
+    """which parameters decay: release = every trainable one (norms, prompt embeddings, NGA weights too); no_norms = not those"""
     warmup_iters: int = Field(50, ge=0)
     """linear warm-up iterations (1500 in the paper)"""
     warmup_ratio: float = Field(1e-6, gt=0, le=1)
@@ -303,7 +305,7 @@ class TrainConfig(Section):
     poly_power: float = Field(0.9, gt=0)
     """power of the poly decay"""
     min_lr: float = Field(1e-6, ge=0)
-    """floor of the poly decay"""
+    """absolute floor of the poly decay, the same for every parameter group (lr_mult does not scale it)"""
     crop_size: int = Field(96, ge=16)
     """training crop side in pixels (512 in the paper)"""
     scale: tuple[int, int] = (384, 96)
@@ -357,7 +359,9 @@ class SelfTrainConfig(Section):
     init: Literal["half", "final"] = "half"
     """inductive checkpoint self-training starts from: half the schedule (the release) or final"""
     warmup_iters: int = Field(20, ge=0)
-    """linear warm-up iterations of the self-training schedule"""
+    """linear warm-up iterations of the self-training schedule (1500 in the release: it restarts the warm-up)"""
+    batch_size: int | None = Field(None, ge=1)
+    """images per self-training step per process (VOC 32 in the release); null = train.batch_size"""
 
 
 class EvaluateConfig(Section):

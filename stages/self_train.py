@@ -3,6 +3,7 @@ ground truth for seen pixels and pseudo-labels for the others, over all classes.
 
 from __future__ import annotations
 
+from pipeline.config import Params, TrainConfig
 from pipeline.data.dataset import SegmentationDataset
 from pipeline.data.prepared import ClassInfo
 from pipeline.data.transforms import label_lut
@@ -26,6 +27,13 @@ METRICS = "artifacts/self_train_metrics.json"
 CURVE = "artifacts/self_train_curve.csv"  # DVC plot
 
 
+def training_config(p: Params) -> TrainConfig:
+    """The train settings self-training runs with: train's, with self_train.batch_size when set."""
+    if p.self_train.batch_size is None:
+        return p.train
+    return p.train.model_copy(update={"batch_size": p.self_train.batch_size})
+
+
 def main(ctx: StageContext) -> None:
     p = ctx.params
     classes = ClassInfo.read(ctx.path(PREPARED) / "classes.json")
@@ -44,7 +52,8 @@ def main(ctx: StageContext) -> None:
         label_fn = online_label_fn(classes.seen_ids, classes.unseen_ids, p.pseudo.threshold)
     run_training(ctx, model, embeddings, dataset, iterations=p.self_train.iterations, warmup=p.self_train.warmup_iters,
                  checkpoints=ctx.path(CHECKPOINTS), out=ctx.path(OUT), curve=ctx.path(CURVE), metrics=ctx.path(METRICS),
-                 card=model_card(classes, normalize, f"self_train_{p.self_train.mode}"), label_fn=label_fn)
+                 card=model_card(classes, normalize, f"self_train_{p.self_train.mode}"), label_fn=label_fn,
+                 cfg=training_config(p))
 
 
 if __name__ == "__main__":

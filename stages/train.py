@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import TrainConfig
 from pipeline.data.dataset import SegmentationDataset
 from pipeline.data.prepared import ClassInfo
 from pipeline.data.transforms import label_lut
@@ -74,14 +75,16 @@ def run_training(
     card: dict,
     label_fn=None,
     keep_half: bool = False,
+    cfg: TrainConfig | None = None,
 ) -> None:
     """Train (resuming from `checkpoints` when nothing it depends on changed, see `ctx.resume_key`), then write the model (and
-    the half-schedule model) atomically to `out`, the curve, the metrics, and log them (rank 0)."""
+    the half-schedule model) atomically to `out`, the curve, the metrics, and log them (rank 0). `cfg`: the train
+    settings (default the params' train section)."""
     p = ctx.params
     checkpoints.mkdir(parents=True, exist_ok=True)
     half = checkpoints / "model_half.safetensors" if keep_half else None
     result = train(
-        model, embeddings, dataset, cfg=p.train, loss_cfg=p.loss, schedule=Schedule(iterations, warmup, half_checkpoint=half),
+        model, embeddings, dataset, cfg=cfg or p.train, loss_cfg=p.loss, schedule=Schedule(iterations, warmup, half_checkpoint=half),
         seed=p.seed, checkpoint=checkpoints / "last.pt", resume_key=ctx.resume_key(), label_fn=label_fn,
         on_log=lambda row: ctx.log_metrics({k: row[k] for k in ("loss", "focal", "dice", "lr")}, step=row["step"]),
         save_model=partial(save, extra=card),

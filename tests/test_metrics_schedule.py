@@ -2,9 +2,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+from pipeline.config import TrainConfig
 from pipeline.engine.metrics import confusion_matrix, harmonic_mean, iou_per_class, summarize
 from pipeline.engine.schedule import poly_lr
+from pipeline.engine.train import Schedule, set_lr
+from tests.test_model_common import tiny_model
 
 
 def test_confusion_matrix_against_hand_count():
@@ -52,3 +56,34 @@ def test_poly_lr_at_key_iterations():
     assert poly_lr(25000, **kw) == pytest.approx(1e-6)
     lrs = [poly_lr(s, **kw) for s in range(1500, 20000, 500)]
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def mmcv_poly_with_linear_warmup(step, *, initial_lr, max_iters, power, min_lr, warmup_iters, warmup_ratio):
+    """mmcv's PolyLrUpdaterHook with warmup='linear', written out as mmcv writes it (by iteration)."""
+    regular_lr = (initial_lr - min_lr) * (1 - step / max_iters) ** power + min_lr
+    if step >= warmup_iters:
+        return regular_lr
+    k = (1 - step / warmup_iters) * (1 - warmup_ratio)
+    return regular_lr * (1 - k)
+
+
+def test_every_param_group_follows_mmcv_poly_from_its_own_initial_lr_over_a_whole_schedule():
+    """VOC numbers (METHOD.md "Optimisation"): base 2e-5, x10 groups, absolute floor 1e-6, 1500
+    warm-up steps of ratio 1e-6. The real model's groups (all x10) plus one x1 group."""
+    cfg = TrainConfig(lr=2e-5, lr_mult=10.0, weight_decay=0.01, min_lr=1e-6, poly_power=0.9, warmup_ratio=1e-6)
+    schedule = Schedule(iterations=20000, warmup_iters=1500)
+    groups = tiny_model().param_groups(cfg.lr, cfg.weight_decay, cfg.lr_mult)
+    groups.append({"name": "x1", "params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.lr, "lr_mult": 1.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    initial = [g["lr"] for g in optimizer.param_groups]
+    assert initial[:-1] == [2e-4] * (len(initial) - 1) and initial[-1] == 2e-5
+    for step in range(schedule.iterations):
+        set_lr(optimizer, step, cfg, schedule)
+        for group, lr0 in zip(optimizer.param_groups, initial):
+            expected = mmcv_poly_with_linear_warmup(step, initial_lr=lr0, max_iters=20000, power=0.9, min_lr=1e-6,
+                                                    warmup_iters=1500, warmup_ratio=1e-6)
+            assert group["lr"] == pytest.approx(expected, rel=1e-9), (group["name"], step)
+    # the x10 groups end at the absolute floor 1e-6, not at 10 x 1e-6
+    last = (2e-4 - 1e-6) * (1 / 20000) ** 0.9 + 1e-6
+    assert [g["lr"] for g in optimizer.param_groups][:-1] == pytest.approx([last] * (len(initial) - 1))
+    assert last < 1.03e-6

@@ -38,9 +38,24 @@ def test_tap_trainable_option_unfreezes_taps_only():
     assert not any(p.requires_grad for p in model.encoder.clip_parameters())
 
 
-def test_param_groups_cover_each_trainable_parameter_once_with_lr_mult_and_no_decay_on_norms():
+def test_param_groups_decay_every_trainable_parameter_by_default_as_the_release():
+    """METHOD.md "Optimisation": mmcv takes the longest matching custom key, so 'backbone'/'head'
+    (lr x10, decay 0.01) win over 'norm'/'ln' for every trainable name: norms, prompt embeddings and
+    NGA weights are decayed too."""
     model = tiny_model()
     groups = model.param_groups(lr=2e-5, weight_decay=0.01, lr_mult=10.0)
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert len(seen) == len(set(seen))
+    assert set(seen) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(abs(g["lr"] - 2e-4) < 1e-12 and g["lr_mult"] == 10.0 for g in groups)
+    assert {g["weight_decay"] for g in groups} == {0.01}
+    assert [g["name"] for g in groups] == ["prompts", "head"]
+    torch.optim.AdamW(groups)  # accepted as is
+
+
+def test_param_groups_no_decay_norms_option_exempts_norms_prompt_embeddings_and_nga_weights():
+    model = tiny_model()
+    groups = model.param_groups(lr=2e-5, weight_decay=0.01, lr_mult=10.0, no_decay_norms=True)
     seen = [id(p) for g in groups for p in g["params"]]
     assert len(seen) == len(set(seen))
     assert set(seen) == {id(p) for p in model.parameters() if p.requires_grad}

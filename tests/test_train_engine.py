@@ -4,8 +4,17 @@ import sys
 import pytest
 import torch
 
-from pipeline.engine.train import Schedule, StepSampler, load_checkpoint, restore_rng, save_checkpoint, train
+from pipeline.engine.train import (
+    Schedule,
+    StepSampler,
+    build_optimizer,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    train,
+)
 from tests.conftest import REPO, venv_env
+from tests.test_model_common import tiny_model
 from tests.train_fixtures import setup, train_cfg, trainable_vector
 
 
@@ -28,6 +37,17 @@ def test_sampler_splits_global_batches_across_ranks_and_micro_batches():
     assert single == [0, 1, 2, 3, 4, 5, 6, 7]
     assert rank0 == [0, 1, 4, 5] and rank1 == [2, 3, 6, 7]
     assert list(StepSampler(start=1, end=2, batch=2, accum=2, rank=0, world=1)) == [4, 5, 6, 7]
+
+
+def test_the_optimizer_decays_every_trainable_parameter_unless_the_no_norms_rule_is_chosen():
+    model = tiny_model()
+    assert train_cfg().weight_decay_rule == "release"  # the default: the release's rule
+    release = build_optimizer(model, train_cfg(weight_decay=0.01))
+    assert {g["weight_decay"] for g in release.param_groups} == {0.01}
+    no_norms = build_optimizer(model, train_cfg(weight_decay=0.01, weight_decay_rule="no_norms"))
+    exempt = {id(p) for g in no_norms.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert id(model.encoder.prompts.norm.weight) in exempt and id(model.encoder.prompts.proj.weight) not in exempt
+    assert all(g["lr"] == 1e-3 * 10.0 for g in release.param_groups + no_norms.param_groups)
 
 
 def test_a_few_steps_lower_the_loss(data, tmp_path):

@@ -1,6 +1,9 @@
 import numpy as np
+from PIL import Image
 
 from pipeline.config import IGNORE_INDEX
+from pipeline.data.dataset import SegmentationDataset
+from pipeline.data.prepared import ClassInfo, write_manifest
 from pipeline.data.transforms import Normalize, TrainTransform, eval_size, label_lut, rescale_size
 
 IDENTITY = Normalize(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -87,3 +90,40 @@ def test_test_time_size_keeps_ratio():
     assert eval_size(375, 500, 512, 2048) == (512, 683)
     assert eval_size(100, 1000, 512, 2048) == (205, 2048)
     assert rescale_size(96, 96, 384, 96) == (96, 96)
+
+
+def test_crop_ratio_is_checked_on_the_dataset_classes_before_unseen_pixels_become_ignore(tmp_path):
+    """As the release (its unseen classes become ignore inside the model, after the data pipeline):
+    an unseen class counts as a class when the <=75%-one-class crop is chosen. Seen class 0 covers
+    the left 48 columns, unseen class 1 the right 16; a 32-wide crop at column `left` is mixed
+    (class 0 under 75%) only for left > 24. Checked on ignore-mapped labels, every crop has one
+    class and the rule never holds (the last of the tries is kept)."""
+    label = np.zeros((64, 64), dtype=np.uint8)
+    label[:, 48:] = 1
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    image[..., 0] = np.arange(64, dtype=np.uint8)[None, :] * 4  # red = 4 x column: tells where the crop is
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(image).save(tmp_path / "images/a.png")
+    Image.fromarray(label).save(tmp_path / "labels/a.png")
+    write_manifest([{"split": "train", "id": "a", "image": "images/a.png", "label": "labels/a.png",
+                     "height": 64, "width": 64, "classes": [0, 1]}], tmp_path / "manifest.parquet")
+    classes = ClassInfo(dataset="demo", names=["seen", "unseen"], seen_ids=[0], unseen_ids=[1], unseen_split="hand",
+                        palette=[[0, 0, 0], [255, 255, 255]], template_set="single", templates=["a photo of a {}."])
+    (tmp_path / "classes.json").write_text(classes.to_json())
+    lut = label_lut(classes.seen_ids, classes.num_classes)  # inductive: 1 -> ignore
+    tf = transform(crop_size=32, ratio_range=(1.0, 1.0), scale=(64, 64), flip_prob=0)
+    dataset = SegmentationDataset(tmp_path, "train", transform=tf, lut=lut)
+
+    release_lefts, mapped_first_lefts = [], []
+    for seed in range(50):
+        item = dataset.load(0, np.random.default_rng(seed))
+        left = int(item["image"][0, 0, 0]) // 4
+        assert np.array_equal(item["label"].numpy(), lut[label[:32, left : left + 32]])  # mapped after the crop
+        release_lefts.append(left)
+        mapped_first, _ = tf(np.random.default_rng(seed), image, lut[label])  # the order this test rules out
+        mapped_first_lefts.append(int(mapped_first[0, 0, 0]) // 4)
+    mixed = sum(left > 24 for left in release_lefts)
+    assert mixed >= 45  # 10 tries at 8/33 each: 94% of crops mixed
+    assert sum(left > 24 for left in mapped_first_lefts) <= 25  # a single try: 24%
+    assert release_lefts != mapped_first_lefts

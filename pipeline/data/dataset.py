@@ -57,7 +57,8 @@ def read_label(path: Path, num_classes: int | None = None) -> np.ndarray:
 class SegmentationDataset(torch.utils.data.Dataset):
     """Items of one split: the image (normalised float [3, H, W]) and its label ([H, W] int64).
 
-    `lut` maps dataset class ids to the ids the model is trained on (see transforms.label_lut);
+    `lut` maps dataset class ids to the ids the model is trained on (see transforms.label_lut),
+    applied once the training crop is chosen (the crop rule counts unseen classes, as the release);
     `label_root` replaces the prepared root for labels (pseudo-labels with the same relative
     paths). `load(index, rng)` augments with the given generator, so a training stream can make
     augmentation a function of the sample's position (reproducible whatever the worker layout).
@@ -91,11 +92,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         row = self.rows[index]
         image_path, label_path = self.root / row["image"], self.label_root / row["label"]
         image = read_image(image_path)
-        label = self.lut[read_label(label_path, self.num_classes)]
+        label = read_label(label_path, self.num_classes)  # dataset ids: `lut` is applied after the crop is chosen
         if label.shape != image.shape[:2]:
             raise DataFileError(
                 f"{label_path}: label size {label.shape} differs from the size {image.shape[:2]} of its image "
                 f"{image_path}; {REWRITE}"
             )
-        image, label = self.transform(rng, image, label)
+        image, label = self.transform(rng, image, label, self.lut)
         return {"image": torch.from_numpy(image), "label": torch.from_numpy(label.astype(np.int64)), "index": index}

@@ -1,10 +1,12 @@
 """Training and test transforms (the release's mmseg pipeline), on numpy arrays.
 
 Training: random rescale of a (long, short) scale by a ratio range, random crop with at most
-`cat_max_ratio` of the crop one class, horizontal flip, photometric distortion, normalisation,
-padding to the crop with the ignore label. Test: resize keeping the aspect ratio so the short side
-is the test scale (long side bounded). Labels are only ever resized with nearest neighbour and
-only ever padded with IGNORE_INDEX, so no transform invents a label value.
+`cat_max_ratio` of the crop one class (judged on the dataset's classes, unseen ones included, as the
+release, which maps unseen pixels to ignore only inside the model), then the label mapping (`lut`),
+horizontal flip, photometric distortion, normalisation, padding to the crop with the ignore label.
+Test: resize keeping the aspect ratio so the short side is the test scale (long side bounded).
+Labels are only ever resized with nearest neighbour and only ever padded with IGNORE_INDEX, so no
+transform invents a label value.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def rescale_size(height: int, width: int, long_side: float, short_side: float) -
 
 @dataclass(frozen=True)
 class TrainTransform:
-    """The release's training pipeline. Call with an rng, an RGB uint8 image and a uint8 label map."""
+    """The release's training pipeline. Call with an rng, an RGB uint8 image, a uint8 label map of
+    dataset class ids and the mapping to training ids (`label_lut`), applied once the crop is chosen."""
 
     crop_size: int
     scale: tuple[int, int]  # (long, short) base scale
@@ -74,13 +77,17 @@ class TrainTransform:
     photometric: bool
     normalize: Normalize
 
-    def __call__(self, rng: np.random.Generator, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, rng: np.random.Generator, image: np.ndarray, label: np.ndarray,
+                 lut: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         # random rescale
         ratio = rng.uniform(*self.ratio_range)
         size = rescale_size(*label.shape, self.scale[0] * ratio, self.scale[1] * ratio)
         image, label = resize_pair(image, label, size)
-        # random crop, retried while one class covers more than cat_max_ratio of it
+        # random crop, retried while one class covers more than cat_max_ratio of it; then the mapping
+        # to training ids (unseen -> ignore when inductive), so unseen classes count in the crop rule
         image, label = self._crop(rng, image, label)
+        if lut is not None:
+            label = lut[label]
         # flip
         if rng.random() < self.flip_prob:
             image, label = image[:, ::-1], label[:, ::-1]

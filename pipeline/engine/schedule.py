@@ -1,4 +1,8 @@
-"""Learning-rate schedule of the release: linear warm-up, then poly decay to a floor."""
+"""Learning-rate schedule of the release: linear warm-up, then poly decay to a floor.
+
+One group's lr: the training loop calls it once per parameter group with that group's own base
+(lr x lr_mult) and the same absolute floor, as mmcv's PolyLrUpdater does.
+"""
 
 from __future__ import annotations
 

@@ -121,12 +121,22 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def build_optimizer(model: CascadeCLIP, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the model's trainable groups (lr x `cfg.lr_mult`, decay per `cfg.weight_decay_rule`)."""
+    no_decay_norms = cfg.weight_decay_rule == "no_norms"
+    groups = model.param_groups(cfg.lr, cfg.weight_decay, cfg.lr_mult, no_decay_norms=no_decay_norms)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, schedule: Schedule) -> float:
-    lr = poly_lr(step, base_lr=cfg.lr, max_steps=schedule.iterations, power=cfg.poly_power, min_lr=cfg.min_lr,
-                 warmup_steps=schedule.warmup_iters, warmup_ratio=cfg.warmup_ratio)
+    """Every group's lr at `step`, as mmcv's PolyLrUpdater with linear warm-up: poly decay from the
+    group's own initial lr (cfg.lr x its lr_mult) to the absolute floor cfg.min_lr, warm-up applied
+    to that. Returns the first group's lr (the one the release's log shows)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
-    return lr
+        group["lr"] = poly_lr(step, base_lr=cfg.lr * group.get("lr_mult", 1.0), max_steps=schedule.iterations,
+                              power=cfg.poly_power, min_lr=cfg.min_lr, warmup_steps=schedule.warmup_iters,
+                              warmup_ratio=cfg.warmup_ratio)
+    return optimizer.param_groups[0]["lr"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,7 +161,7 @@ def save_checkpoint(path: Path, model: CascadeCLIP, optimizer, scaler, step: int
         torch.save(state, handle)
 
 
-CURVE_KEYS = ("step", "loss", "focal", "dice", "lr")
+CURVE_KEYS = ("step", "loss", "focal", "dice", "lr")  # lr: the first param group's (x lr_mult)
 
 
 def changed_entries(saved: Mapping[str, str], current: ResumeKey) -> list[str]:
@@ -244,7 +254,7 @@ def train(
         torch.manual_seed(seed)
         model.to(device)
         class_embeddings = class_embeddings.to(device)
-        optimizer = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(model, cfg)
         scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
         start, curve, window = 0, [], []

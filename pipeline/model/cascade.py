@@ -131,10 +131,14 @@ class CascadeCLIP(nn.Module):
         ids |= {id(p) for agg in self.head.aggregators for p in agg.no_decay_parameters()}
         return ids
 
-    def param_groups(self, lr: float, weight_decay: float, lr_mult: float) -> list[dict]:
-        """AdamW groups: prompts, trainable taps and head at lr * lr_mult; no decay on norms,
-        prompt embeddings and aggregation weights. Frozen CLIP parameters are in no group."""
-        no_decay = self._no_decay_ids()
+    def param_groups(self, lr: float, weight_decay: float, lr_mult: float, no_decay_norms: bool = False) -> list[dict]:
+        """AdamW groups: prompts, trainable taps and head at lr * lr_mult, each with weight decay.
+
+        By default every trainable parameter decays, as in the release (METHOD.md, Optimisation:
+        mmcv takes the longest matching custom key, so 'backbone'/'head' win over 'norm'/'ln').
+        `no_decay_norms` exempts norms, prompt embeddings and aggregation weights (their own
+        "_no_decay" groups). Frozen CLIP parameters are in no group."""
+        no_decay = self._no_decay_ids() if no_decay_norms else set()
         groups = []
         for part, params in self._trainable_parts().items():
             for decay in (True, False):
