@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_params)
 
     presets = ["voc12", "coco", "context59", "demo"]
-    variants = ["cascade", "zegclip", "fusion", "frozen"]
+    variants = ["cascade", "zegclip", "fusion", "frozen", "multi_decoder_last", "multi_decoder_fusion"]  # pipeline.model.VARIANTS
     p = sub.add_parser("model-info", help="parameters, multiply-adds/FLOPs per image, stages and NGA weights of a preset")
     p.add_argument("--preset", choices=presets, default="coco")
     p.add_argument("--variant", choices=variants, default="cascade")

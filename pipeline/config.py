@@ -215,8 +215,8 @@ class TextConfig(Section):
 # model and loss
 # --------------------------------------------------------------------------------------------
 class ModelConfig(Section):
-    variant: Literal["cascade", "zegclip", "fusion", "frozen"] = "cascade"
-    """named builder: cascade (the paper), zegclip (one stage {12}), fusion (taps fused, one decoder), frozen (no prompts)"""
+    variant: Literal["cascade", "zegclip", "fusion", "frozen", "multi_decoder_last", "multi_decoder_fusion"] = "cascade"
+    """named builder: cascade (the paper), zegclip (one stage {12}), fusion (taps fused, one decoder), frozen (no prompts), multi_decoder_last / multi_decoder_fusion (Table 7: three decoders on block 12 / on the sum of blocks 6-12)"""
     stages: list[tuple[int, int]] = [(6, 8), (9, 11), (12, 12)]
     """cascade stages as inclusive 1-based block ranges, contiguous and inside the encoder depth"""
     aggregator: Literal["nga", "nga_fixed", "sum", "trainable_sum", "concat", "attention"] = "nga"

@@ -11,7 +11,7 @@ def test_every_variant_returns_input_size_logits_and_per_layer_masks(variant):
     out = model(images(2, 32), class_embeddings(5))
     assert isinstance(out, SegOutput)
     assert out.logits.shape == (2, 5, 32, 32)
-    expected_stages = {"cascade": 3, "frozen": 3, "zegclip": 1, "fusion": 1}[variant]
+    expected_stages = {"cascade": 3, "frozen": 3, "zegclip": 1, "fusion": 1, "multi_decoder_last": 3, "multi_decoder_fusion": 3}[variant]
     assert len(out.layer_logits) == expected_stages
     for layers in out.layer_logits:
         assert len(layers) == 3

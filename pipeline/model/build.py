@@ -36,11 +36,17 @@ def assemble(
     aggregator: AggregatorKind,
     prompts: bool,
 ) -> CascadeCLIP:
-    """Wire a CascadeCLIP from an open_clip CLIP for the given stages, aggregator and prompting."""
+    """Wire a CascadeCLIP from an open_clip CLIP for the given stages, aggregator and prompting.
+
+    Every entry of `stages` gets its own aggregator, class-query projection and decoder; a range
+    listed twice is tapped once and decoded twice.
+    """
     visual = clip.visual
     depth = len(visual.transformer.resblocks)
     width, dim = visual.proj.shape
-    check_stage_ranges(stages, depth)
+    # a stage may repeat (several decoders on the same feature, Table 7); the distinct ones must be valid
+    distinct = list(dict.fromkeys(stages))
+    check_stage_ranges(distinct, depth)
     use_prompts = prompts and model_cfg.prompt_tokens > 0
     deep_prompts = (
         DeepVisualPrompts(
@@ -53,7 +59,7 @@ def assemble(
         if use_prompts
         else None
     )
-    tap_blocks = [b for start, end in stages for b in range(start, end + 1) if b != depth]
+    tap_blocks = [b for start, end in distinct for b in range(start, end + 1) if b != depth]
     encoder = PromptedVisionEncoder(
         visual=visual,
         grid=encoder_grid(model_cfg, clip),
@@ -102,6 +108,34 @@ def build_fusion(model_cfg: ModelConfig, clip: CLIP, arch: dict) -> CascadeCLIP:
     return assemble(model_cfg, clip, arch, stages=[span], aggregator="sum", prompts=True)
 
 
+def build_multi_decoder_last(model_cfg: ModelConfig, clip: CLIP, arch: dict) -> CascadeCLIP:
+    """Table 7 "Last-layer" (paper Sec. 4.4, "Cascade-CLIP vs. other methods with multi-decoder").
+
+    Cascade-CLIP's decoders without its cascade: one independent decoder per configured stage
+    (three for the paper's {6-8}, {9-11}, {12}), but every decoder is fed the LAST block's features.
+    Each decoder keeps its own class-query projection, and the decoders' masks are summed and
+    upsampled exactly as the cascade's. Same decoders, projections and prompts as `cascade`, so the
+    trainable count equals Cascade-CLIP's ("equivalent parameter amounts", 40.5M in Table 7) less
+    the NGA weights, which a single block has nothing to aggregate with (6 for the paper's stages).
+    """
+    depth = len(clip.visual.transformer.resblocks)
+    stages = [(depth, depth)] * len(model_cfg.stages)
+    return assemble(model_cfg, clip, arch, stages=stages, aggregator=model_cfg.aggregator, prompts=True)
+
+
+def build_multi_decoder_fusion(model_cfg: ModelConfig, clip: CLIP, arch: dict) -> CascadeCLIP:
+    """Table 7 "Multi-layer fusion" (paper Sec. 4.4, "Cascade-CLIP vs. other methods with multi-decoder").
+
+    The features of the same blocks Cascade-CLIP uses (every block of the configured stages, 6-12
+    for the paper's) are fused directly, by plain sum as in Fig. 2(b) and the `fusion` variant, into
+    ONE feature; one independent decoder per configured stage (three) is fed that same fused
+    feature, each with its own class-query projection, and their masks are summed as the cascade's.
+    Trainable count: Cascade-CLIP's less the NGA weights (6), which direct fusion does not have.
+    """
+    span = (model_cfg.stages[0][0], model_cfg.stages[-1][1])
+    return assemble(model_cfg, clip, arch, stages=[span] * len(model_cfg.stages), aggregator="sum", prompts=True)
+
+
 def build_frozen(model_cfg: ModelConfig, clip: CLIP, arch: dict) -> CascadeCLIP:
     """Frozen CLIP (Table 10): the cascade without visual prompts."""
     stages = [tuple(s) for s in model_cfg.stages]
@@ -113,6 +147,8 @@ VARIANTS: dict[str, Callable[[ModelConfig, CLIP, dict], CascadeCLIP]] = {
     "zegclip": build_zegclip,
     "fusion": build_fusion,
     "frozen": build_frozen,
+    "multi_decoder_last": build_multi_decoder_last,
+    "multi_decoder_fusion": build_multi_decoder_fusion,
 }
 
 

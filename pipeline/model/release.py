@@ -142,14 +142,26 @@ def read_release_checkpoint(src: str | Path, allow_pickle: bool = False) -> dict
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def import_release_checkpoint(src: str | Path, out: str | Path, preset: str, allow_pickle: bool = False) -> dict:
+def import_release_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    preset: str | None = None,
+    allow_pickle: bool = False,
+    *,
+    model_cfg: ModelConfig | None = None,
+    arch: dict | None = None,
+) -> dict:
     """Convert a release checkpoint to our model file; returns a summary dict.
 
-    `preset` (voc12, coco, context59; demo for the toy arch) picks the model config;
-    release-compatible behaviour is switched on (double CLS, stored random taps kept frozen).
+    `preset` (voc12, coco, context59; demo for the toy arch) picks the model config and CLIP
+    architecture; `model_cfg` and `arch` (open_clip format) replace either, for checkpoints of any
+    other size (preset None: both must be given). Release-compatible behaviour is switched on
+    (double CLS, stored random taps kept frozen).
     """
-    model_cfg = release_model_config(preset_model_config(preset))
-    arch = preset_arch(preset)
+    if preset is None and (model_cfg is None or arch is None):
+        raise ValueError("give a preset, or both model_cfg and arch")
+    model_cfg = release_model_config(model_cfg if model_cfg is not None else preset_model_config(preset))
+    arch = arch if arch is not None else preset_arch(preset)
     state = read_release_checkpoint(src, allow_pickle=allow_pickle)
     ours, dropped = convert_release_state(state, model_cfg, arch, source=str(src))
     log.info(
