@@ -156,6 +156,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.compare import fetch_registered_model
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import tracking_uri
+
+    client = MlflowClient(args.tracking_uri or tracking_uri(TrackingConfig()))
+    path = fetch_registered_model(client, args.name, args.out, alias=args.alias, version=args.version, overwrite=args.overwrite)
+    print(f"wrote {path} ({args.name} {f'version {args.version}' if args.version else f'alias {args.alias!r}'}, sha256 checked)")
+    return 0
+
+
 def _cmd_queue(args: argparse.Namespace) -> int:
     from pipeline.experiments import ablation_tables, queue, table_experiments
 
@@ -230,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", metavar="NAME", default=None, help="register the best run's model under NAME in the model registry")
     p.add_argument("--alias", default="best", help="alias given to the registered version")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("fetch-model", help="download a registered model's file, refused unless its sha256 is the one recorded when it was logged")
+    p.add_argument("name", help="registered model name (as given to compare --register)")
+    p.add_argument("--alias", default="best", help="version alias (default: best)")
+    p.add_argument("--version", default=None, help="version number (instead of --alias)")
+    p.add_argument("--out", type=Path, default=Path("model.safetensors"), help="file to write; then `cascade-clip predict --model FILE`")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.set_defaults(func=_cmd_fetch_model)
 
     p = sub.add_parser("queue", help="queue a paper ablation table as DVC experiments (list the tables without TABLE)")
     p.add_argument("table", nargs="?", help="table name from presets/ablations.yaml, e.g. table8")

@@ -1,17 +1,30 @@
-"""Compare evaluation runs from MLflow (`cascade-clip compare`) and register the best model."""
+"""Compare evaluation runs from MLflow (`cascade-clip compare`), register the best model, and
+fetch a registered model with its bytes checked."""
 
 from __future__ import annotations
 
 import csv
 import io
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import CascadeError
-from pipeline.tracking import TAG_DVC_EXP, TAG_GROUP, TAG_STAGE
+from pipeline.tracking import (
+    TAG_DVC_EXP,
+    TAG_GROUP,
+    TAG_MODEL_ARTIFACT,
+    TAG_MODEL_SHA256,
+    TAG_SCORED_MODEL,
+    TAG_SCORED_SHA256,
+    TAG_STAGE,
+    file_sha256,
+)
 
 METRICS = ("mIoU_seen", "mIoU_unseen", "hIoU")  # unprefixed: the pipeline's final model
-TAG_MODEL_FILE = "cascade.model_file"  # set by the evaluate stage: the final model it scored
+TAG_MODEL_FILE = "cascade.model_file"  # set by the evaluate stage: the workspace path of the final model it scored (information only)
+TAG_EVALUATION_RUN = "cascade.evaluation_run"  # on a model version: the evaluation run whose scores it carries
 
 
 @dataclass
@@ -75,19 +88,84 @@ def compare(runs) -> Comparison:
     return Comparison(columns=columns, rows=rows)
 
 
+def _runs_uri(uri: str) -> tuple[str, str]:
+    """runs:/<run_id>/<artifact path> -> (run_id, artifact path)."""
+    run_id, _, artifact = uri.removeprefix("runs:/").partition("/")
+    if not uri.startswith("runs:/") or not run_id or not artifact:
+        raise CascadeError(f"{uri!r} is not a runs:/<run_id>/<path> URI of a logged artifact")
+    return run_id, artifact
+
+
+def _run(client, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        raise CascadeError(f"run {run_id}, which logged the model, is not in this tracking store: {exc}") from None
+
+
 def register_best(client, runs, *, name: str, alias: str = "best"):
-    """Register the final model of the run with the highest hIoU; tag the version with its hIoU."""
+    """Register the final model of the run with the highest hIoU; tag the version with its hIoU.
+
+    The version's source is the runs:/ URI of the logged model file that evaluation scored (kept
+    in the tracking store's artifacts, whatever later happens to the workspace), and it records
+    the sha256 taken when that file was logged."""
     best = max(runs, key=lambda r: r.data.metrics.get("hIoU", float("-inf")))
-    model_file = best.data.tags.get(TAG_MODEL_FILE)
-    if not model_file or not Path(model_file).is_file():
-        raise CascadeError(f"run {best.info.run_id}: its model file {model_file!r} is gone; re-run its evaluation")
+    uri = best.data.tags.get(TAG_SCORED_MODEL)
+    if not uri:
+        raise CascadeError(f"run {best.info.run_id} records no logged model (evaluated before models were logged to MLflow); "
+                           "re-run its evaluation (`dvc repro --force --single-item evaluate`)")
+    source_id, artifact = _runs_uri(uri)
+    source = _run(client, source_id)
+    sha = source.data.tags.get(TAG_MODEL_SHA256)
+    if not sha or source.data.tags.get(TAG_MODEL_ARTIFACT) != artifact or sha != best.data.tags.get(TAG_SCORED_SHA256):
+        raise CascadeError(f"run {best.info.run_id} scored {uri}, but run {source_id} does not record that file with the "
+                           "same sha256; re-run the evaluation")
     try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - MLflow raises its own RestException for "not found"
         client.create_registered_model(name)
-    hiou = best.data.metrics.get("hIoU")
-    version = client.create_model_version(name, source=Path(model_file).resolve().as_uri(), run_id=best.info.run_id,
-                                          tags={"hIoU": f"{hiou:.4f}", "mIoU_seen": f"{best.data.metrics.get('mIoU_seen', float('nan')):.4f}",
-                                                "mIoU_unseen": f"{best.data.metrics.get('mIoU_unseen', float('nan')):.4f}"})
+    metrics = best.data.metrics
+    tags = {m: f"{metrics.get(m, float('nan')):.4f}" for m in METRICS} | {TAG_MODEL_SHA256: sha, TAG_EVALUATION_RUN: best.info.run_id}
+    version = client.create_model_version(name, source=uri, run_id=source_id, tags=tags)
     client.set_registered_model_alias(name, alias, version.version)
     return best, version
+
+
+def fetch_registered_model(client, name: str, dst: Path, *, alias: str | None = "best", version: str | None = None,
+                           overwrite: bool = False) -> Path:
+    """Download a registered model version's file to `dst`, refusing it unless its sha256 equals
+    the one recorded when its run logged it. Returns `dst`."""
+    mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+    label = f"{name} version {mv.version}"
+    if not mv.source.startswith("runs:/"):
+        raise CascadeError(f"{label} points to {mv.source}, not to a run's logged artifact; register it again "
+                           "with `cascade-clip compare --register`")
+    run_id, artifact = _runs_uri(mv.source)
+    expected = _run(client, run_id).data.tags.get(TAG_MODEL_SHA256)
+    if not expected:
+        raise CascadeError(f"{label}: run {run_id} recorded no sha256 for {artifact}; cannot check the file")
+    if mv.tags.get(TAG_MODEL_SHA256, expected) != expected:
+        raise CascadeError(f"{label}: the version's sha256 tag differs from the one run {run_id} recorded at logging")
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise CascadeError(f"{dst} exists; choose another path or overwrite it explicitly")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.tmp-") as tmp:
+        local = Path(client.download_artifacts(run_id, artifact, tmp))
+        actual = file_sha256(local)
+        if actual != expected:
+            raise CascadeError(f"{label}: {mv.source} has sha256 {actual}, but {expected} was recorded when run "
+                               f"{run_id} logged it; the stored file changed since, refusing to use it")
+        os.replace(local, dst)
+    return dst
+
+
+def load_registered_model(client, name: str, *, alias: str | None = "best", version: str | None = None, map_location="cpu"):
+    """The registered model, built from its checked file (`fetch_registered_model`)."""
+    from pipeline.model import load
+
+    with tempfile.TemporaryDirectory(prefix="cascade-clip-model-") as tmp:
+        path = fetch_registered_model(client, name, Path(tmp) / "model.safetensors", alias=alias, version=version)
+        return load(path, map_location=map_location)

@@ -4,8 +4,9 @@ inside an MLflow run.
 Order of work: parse and validate params (a bad params file stops here, before any server starts),
 then the stage's lock (a second run of the same stage in the same project stops here, naming the
 first one's pid), then the flow (on a temporary local server of the stage's own when
-PREFECT_API_URL is unset, stopped even if the stage is killed), then the MLflow run (tagged and
-grouped, see pipeline.tracking), then the stage's `main(ctx)`.
+PREFECT_API_URL is unset, stopped even if the stage is killed), then the MLflow run (tagged, and
+nested under its pipeline execution's parent run: pipeline.tracking, docs/tracking.md), then the
+stage's `main(ctx)`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ import yaml
 from pipeline.config import DEFAULT_PARAMS, Params, load_params, params_hash
 from pipeline.errors import CascadeError
 from pipeline.io import OLD_MARK, TMP_MARK
-from pipeline.tracking import mlflow_run, project_root
+from pipeline.tracking import (
+    TAG_PREFECT_FLOW_RUN,
+    log_model_file,
+    log_parent_metrics,
+    mlflow_run,
+    project_root,
+    tag_scored_model,
+)
 
 log = logging.getLogger("cascade_clip.stages")
 
@@ -106,8 +114,31 @@ class StageContext:
         if self.run is not None:
             mlflow.log_figure(figure, name)
 
+    def log_pipeline_metrics(self, metrics: dict[str, float]) -> None:
+        """Log metrics onto the parent run of this pipeline execution too (the final scores)."""
+        if self.run is not None:
+            log_parent_metrics(self.run, metrics)
+
+    def log_model_file(self, path: Path) -> None:
+        """Log a model file as an artifact of this run, with its sha256 as a tag."""
+        if self.run is not None:
+            log_model_file(path)
+
+    def tag_scored_model(self, path: Path) -> None:
+        """Record which logged model file this (evaluation) run scored, as a runs:/ URI and sha256."""
+        if self.run is not None:
+            tag_scored_model(path)
+
 
 StageMain = Callable[[StageContext], None]
+
+# Tracking per stage, kept here rather than in the stage modules: those are DVC deps of their
+# stages, and an edit there would re-run the (long) stages for every user.
+SYSTEM_METRICS = frozenset({"backbone", "train", "self_train"})  # long stages: CPU/GPU/memory samples in their runs
+MODEL_FILES = {  # the model file a stage writes, logged as an artifact of its run with its sha256
+    "train": "artifacts/train/model.safetensors",
+    "self_train": "artifacts/self_train/model.safetensors",
+}
 
 
 def stage_deps(root: Path, name: str) -> list[str]:
@@ -241,12 +272,18 @@ def stage_flow(name: str, main: StageMain, sections: tuple[str, ...], root: Path
 
     @flow(name=name, log_prints=True)
     def _stage(params: dict) -> dict[str, float]:
+        from prefect.runtime import flow_run
+
         ctx = StageContext(name=name, params=Params.model_validate(params), sections=sections, root=root)
         all_params = ctx.params.section_dict()
         with mlflow_run(ctx.params.tracking, stage=name, stage_params=ctx.stage_params, all_params=all_params,
-                        logged_params=all_params if log_all_params else None, root=ctx.root) as run:
+                        logged_params=all_params if log_all_params else None, root=ctx.root,
+                        system_metrics=name in SYSTEM_METRICS,
+                        extra_tags={TAG_PREFECT_FLOW_RUN: str(flow_run.id)}) as run:
             ctx.run = run
             main(ctx)
+            if name in MODEL_FILES:
+                ctx.log_model_file(ctx.path(MODEL_FILES[name]))
         return ctx.metrics
 
     return _stage

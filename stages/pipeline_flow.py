@@ -16,26 +16,31 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from pipeline.experiments import Experiment, preset_overrides
-from pipeline.tracking import GROUP_ENV, project_root
+from pipeline.tracking import FLOW_RUN_ENV, GROUP_ENV, PRESET_ENV, project_root
 
 METRICS = "artifacts/metrics.json"
 
 
 @task(retries=2, retry_delay_seconds=[30, 120])
-def run_dvc(args: list[str], cwd: str, group: str) -> str:
-    """One DVC command; retried (a flaky download, a busy GPU) with back-off."""
-    env = {**os.environ, GROUP_ENV: group}
+def run_dvc(args: list[str], cwd: str, tracking_env: dict[str, str]) -> str:
+    """One DVC command; retried (a flaky download, a busy GPU) with back-off. `tracking_env` tells
+    the stages' MLflow runs which execution they belong to (pipeline.tracking)."""
+    env = {**os.environ, **tracking_env}
     done = subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     return done.stdout
 
 
-def summary_markdown(metrics: dict[str, dict[str, float]], title: str) -> str:
+def summary_markdown(metrics: dict[str, dict], title: str) -> str:
+    """The scored settings of metrics.json as a table, then how they were made (its "protocol")."""
     lines = [f"# {title}", "", "| setting | mIoU^S | mIoU^U | hIoU |", "|---|---|---|---|"]
-    for setting, values in metrics.items():
+    scored = {setting: values for setting, values in metrics.items() if "hIoU" in values}
+    for setting, values in scored.items():
         lines.append(f"| {setting} | {values.get('mIoU_seen', float('nan')):.2f} | "
                      f"{values.get('mIoU_unseen', float('nan')):.2f} | {values.get('hIoU', float('nan')):.2f} |")
+    if "protocol" in metrics:
+        lines += ["", "Protocol: " + ", ".join(f"{k} {v}" for k, v in sorted(metrics["protocol"].items()))]
     return "\n".join(lines) + "\n"
 
 
@@ -46,9 +51,15 @@ def pipeline(
     experiment_name: str | None = None,
     project_dir: str | None = None,
 ) -> dict:
-    """Run the whole pipeline; with a preset or overrides as a DVC experiment. Returns the final metrics."""
+    """Run the whole pipeline; with a preset or overrides as a DVC experiment. Returns the final metrics.
+
+    Its stages' MLflow runs nest under one parent run, named after the DVC experiment and preset
+    (else `flow-<time>`) and tagged with this flow run's id."""
+    from prefect.runtime import flow_run
+
     cwd = str(Path(project_dir) if project_dir else project_root())
     group = f"flow-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    tracking_env = {GROUP_ENV: group, PRESET_ENV: preset or "", FLOW_RUN_ENV: str(flow_run.id or "")}
     settings = {**preset_overrides(preset), **(overrides or {})}
     if settings or experiment_name:
         args = ["exp", "run", *Experiment(name=experiment_name or "", overrides=settings).set_args()]
@@ -56,7 +67,7 @@ def pipeline(
             args += ["--name", experiment_name]
     else:
         args = ["repro"]
-    print(run_dvc(args, cwd, group))
+    print(run_dvc(args, cwd, tracking_env))
     metrics = json.loads((Path(cwd) / METRICS).read_text())
     title = f"cascade-clip {preset or 'params.yaml'}" + (f" ({experiment_name})" if experiment_name else "")
     create_markdown_artifact(markdown=summary_markdown(metrics, title), key="cascade-clip-metrics",

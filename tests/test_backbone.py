@@ -354,7 +354,8 @@ def project(tmp_path, monkeypatch, mlflow_uri, prefect_harness):
 
 def the_run(uri):
     client = MlflowClient(uri)
-    [run] = client.search_runs([client.get_experiment_by_name("cascade-clip").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("cascade-clip").experiment_id],
+                               filter_string=f"tags.`{TAG_STAGE}` = 'backbone'")  # not its pipeline's parent run
     return client, run
 
 

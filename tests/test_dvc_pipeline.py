@@ -6,6 +6,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.tracking import TAG_MODEL_SHA256, TAG_PARENT_RUN, TAG_ROLE, TAG_SCORED_MODEL, TAG_STAGE, file_sha256
 from tests.conftest import dvc
 
 pytestmark = pytest.mark.slow
@@ -44,9 +45,21 @@ def test_dvc_repro_again_does_nothing_and_shows_metrics_and_plots(tiny_pipeline)
 
 def test_every_stage_logs_one_run_in_one_group_and_the_evaluation_carries_all_params(tiny_pipeline):
     client = MlflowClient(tiny_pipeline.env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("cascade-clip").experiment_id])
+    every = client.search_runs([client.get_experiment_by_name("cascade-clip").experiment_id])
+    runs = [r for r in every if TAG_STAGE in r.data.tags]
     assert sorted(r.data.tags["cascade.stage"] for r in runs) == sorted(STAGES)
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    assert len({r.data.tags["cascade.pipeline_group"] for r in runs}) == 1
+    assert {r.info.status for r in every} == {"FINISHED"}
+    assert len({r.data.tags["cascade.pipeline_group"] for r in every}) == 1
     [evaluation] = [r for r in runs if r.data.tags["cascade.stage"] == "evaluate"]
     assert "hIoU" in evaluation.data.metrics and "train.iterations" in evaluation.data.params
+    # one parent run for the execution, with the final scores
+    [parent] = [r for r in every if TAG_ROLE in r.data.tags]
+    assert {r.data.tags[TAG_PARENT_RUN] for r in runs} == {parent.info.run_id}
+    assert parent.data.metrics["hIoU"] == evaluation.data.metrics["hIoU"]
+    # the trained models are run artifacts with their sha256; the evaluation points to the one it scored
+    by_stage = {r.data.tags[TAG_STAGE]: r for r in runs}
+    for stage in ("train", "self_train"):
+        tags = by_stage[stage].data.tags
+        assert tags[TAG_MODEL_SHA256] == file_sha256(tiny_pipeline.repo / f"artifacts/{stage}/model.safetensors")
+        assert [a.path for a in client.list_artifacts(by_stage[stage].info.run_id, "model")] == ["model/model.safetensors"]
+    assert evaluation.data.tags[TAG_SCORED_MODEL] == f"runs:/{by_stage['self_train'].info.run_id}/model/model.safetensors"

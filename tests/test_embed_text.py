@@ -140,7 +140,8 @@ def test_stage_writes_embeddings_heatmap_and_a_run(project, mlflow_uri):
     assert metrics["classes"] == 16 and metrics["templates"] == 15
 
     client = MlflowClient(mlflow_uri)
-    [run] = client.search_runs([client.get_experiment_by_name("cascade-clip").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("cascade-clip").experiment_id],
+                               filter_string=f"tags.`{TAG_STAGE}` = 'embed_text'")  # not its pipeline's parent run
     assert run.info.status == "FINISHED" and run.data.tags[TAG_STAGE] == "embed_text"
     assert run.data.tags["text.template_set"] == "paper15"
     assert run.data.params["text.templates"] == "paper15" and "clip.source" not in run.data.params

@@ -46,7 +46,26 @@ def test_pipeline_flow_returns_the_metrics_and_runs_overrides_as_a_dvc_experimen
     assert metrics["self_train"] == before["self_train"]
     from mlflow.tracking import MlflowClient
 
+    from pipeline.tracking import TAG_GROUP, TAG_PARENT_RUN, TAG_PREFECT_FLOW_RUN, TAG_ROLE, TAG_STAGE
+
     client = MlflowClient(run.env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("cascade-clip").experiment_id])
-    assert [r.data.tags["cascade.stage"] for r in runs] == ["evaluate"]
-    assert runs[0].data.params["evaluate.calibration"] == "0.0"
+    [evaluation] = [r for r in runs if TAG_STAGE in r.data.tags]
+    assert evaluation.data.tags[TAG_STAGE] == "evaluate"
+    assert evaluation.data.params["evaluate.calibration"] == "0.0"
+    # nested under the flow's execution: named after the DVC experiment, tagged with the flow run
+    [parent] = [r for r in runs if TAG_ROLE in r.data.tags]
+    assert evaluation.data.tags[TAG_PARENT_RUN] == parent.info.run_id and parent.info.run_name == "no-calibration"
+    assert parent.data.tags[TAG_GROUP].startswith("flow-") and len(parent.data.tags[TAG_PREFECT_FLOW_RUN]) == 36
+    assert parent.data.metrics["hIoU"] == pytest.approx(metrics["self_train"]["hIoU"])
+
+
+def test_the_flow_summary_tables_the_scored_settings_and_states_the_protocol():
+    from stages.pipeline_flow import summary_markdown
+
+    metrics = {"inductive": {"mIoU_seen": 40.0, "mIoU_unseen": 30.0, "hIoU": 34.29},
+               "protocol": {"self_train_mode": "online", "dataset": "voc12", "unseen_split": "paper"}}
+    text = summary_markdown(metrics, "voc12")
+    assert "| inductive | 40.00 | 30.00 | 34.29 |" in text
+    assert "| protocol" not in text and "nan" not in text
+    assert "Protocol: dataset voc12, self_train_mode online, unseen_split paper" in text

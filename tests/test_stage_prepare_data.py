@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.config import render_params_yaml, load_params
 from pipeline.data.prepared import read_manifest
-from pipeline.tracking import TAG_COMMIT, TAG_GROUP, TAG_PARAMS_HASH, TAG_STAGE
+from pipeline.tracking import TAG_COMMIT, TAG_GROUP, TAG_PARAMS_HASH, TAG_PARENT_RUN, TAG_PREFECT_FLOW_RUN, TAG_ROLE, TAG_STAGE
 from stages import prepare_data
 from stages.common import run_stage
 from tests.conftest import REPO
@@ -28,10 +28,11 @@ def project(tmp_path, monkeypatch, mlflow_uri, prefect_harness):
     return tmp_path
 
 
-def runs(uri):
+def runs(uri, role=TAG_STAGE):
+    """The stage runs (role=TAG_ROLE: the pipeline executions' parent runs)."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("cascade-clip")
-    return client.search_runs([experiment.experiment_id])
+    return [r for r in client.search_runs([experiment.experiment_id]) if role in r.data.tags]
 
 
 def test_stage_writes_outputs_and_a_tagged_mlflow_run(project, mlflow_uri):
@@ -53,6 +54,10 @@ def test_stage_writes_outputs_and_a_tagged_mlflow_run(project, mlflow_uri):
     assert run.data.params["seed"] == "0"
     assert "train.iterations" not in run.data.params  # only the sections the stage reads
     assert run.data.metrics["images_val"] == 4
+    [parent] = runs(mlflow_uri, role=TAG_ROLE)  # the pipeline execution it belongs to
+    assert run.data.tags[TAG_PARENT_RUN] == parent.info.run_id and parent.data.tags[TAG_GROUP] == tags[TAG_GROUP]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == tags[TAG_GROUP]
+    assert len(tags[TAG_PREFECT_FLOW_RUN]) == 36  # the Prefect flow run of the stage
 
 
 def test_params_hash_tag_follows_the_parameters_the_stage_reads(project, mlflow_uri):
