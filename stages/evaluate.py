@@ -16,7 +16,7 @@ from pipeline.data.prepared import ClassInfo, prepare_dataset
 from pipeline.engine.evaluate import EvalResult, evaluate, random_unit_embeddings
 from pipeline.engine.setup import load_text_embeddings, normalizer
 from pipeline.io import atomic_dir, write_json
-from pipeline.model import load, make_tokenizer
+from pipeline.model import load, make_tokenizer, model_extra
 from pipeline.viz import close, iou_bars, matrix_heatmap, overlay_grid
 from pipeline.weights import read_backbone_meta
 from stages.common import StageContext, run_stage
@@ -78,6 +78,16 @@ def cross_embeddings(model, classes: ClassInfo) -> torch.Tensor:
         return model.encode_text(classes.names, classes.templates, make_tokenizer(model.arch)).float().cpu()
 
 
+def protocol(ctx: StageContext) -> dict[str, str]:
+    """How the scored models were made, recorded with their scores (strings: metrics.json's
+    "protocol" entry and MLflow tags, never MLflow metrics): the self-training protocol from the
+    self-trained model's card, and the training dataset with its unseen split."""
+    training = ClassInfo.read(ctx.path(PREPARED) / "classes.json")
+    setting = model_extra(ctx.path(SELF_TRAINED)).get("setting", "")
+    return {"self_train_mode": setting.removeprefix("self_train_") or "unknown", "dataset": training.dataset,
+            "unseen_split": training.unseen_split}
+
+
 def main(ctx: StageContext) -> None:
     ctx.pin_threads()
     p = ctx.params
@@ -114,13 +124,17 @@ def main(ctx: StageContext) -> None:
             if result.samples:
                 write_pictures(ctx, tmp, classes, name, result)
         ctx.write_config(tmp)
-    write_json(ctx.path(METRICS), metrics)
+    record = protocol(ctx)
+    write_json(ctx.path(METRICS), {**metrics, "protocol": record})  # DVC shows string metrics, diffs only numbers
     final_name = "self_train" if "self_train" in metrics else "inductive"
     final = metrics[final_name]  # the pipeline's final model, logged unprefixed
-    ctx.set_tags({TAG_MODEL_FILE: str(ctx.path(dict((n, f) for n, f, _ in SETTINGS)[final_name]).resolve()),
-                  "cascade.final_setting": final_name})
+    final_file = ctx.path(dict((n, f) for n, f, _ in SETTINGS)[final_name])
+    ctx.set_tags({TAG_MODEL_FILE: str(final_file.resolve()), "cascade.final_setting": final_name,
+                  "cascade.self_train_mode": record["self_train_mode"], "cascade.unseen_split": record["unseen_split"]})
+    ctx.tag_scored_model(final_file)  # the logged model (runs:/ URI, sha256) that `compare --register` registers
     for name, values in {**metrics, "": final}.items():
         ctx.log_metrics({f"{name}.{k}" if name else k: v for k, v in values.items() if v is not None})
+    ctx.log_pipeline_metrics({k: v for k, v in final.items() if v is not None})  # onto the pipeline's parent run
     ctx.log_artifact(ctx.path(OUT) / "per_class_iou.parquet")
 
 
