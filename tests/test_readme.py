@@ -24,9 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 
 SHELL_LANGUAGES = {"", "bash", "sh", "shell"}
-# files the README links before they exist (made by hand from a demo run); test_pending_files lists
-# the ones still missing, as an expected failure, until they are added
-PENDING_FILES = {"docs/demo-overlays.png"}
 TOOLS = {"dvc": "dvc", "mlflow": "mlflow", "prefect": "prefect", "torchrun": "torch"}  # command -> dependency providing it
 SHELL_COMMANDS = {"source", "export", "cd", "git", "find", "cat", "ls", "ln", "cp", "kill", "time"}  # nothing to check
 SEPARATORS = {"&&", "||", ";", "|", "&"}
@@ -213,9 +210,9 @@ def anchors(path: Path) -> set[str]:
     return {slug(m.group(1)) for m in re.finditer(r"^#+\s+(.+?)\s*$", path.read_text(), flags=re.M)}
 
 
-def link_problems(text: str, base: Path, name: str) -> tuple[list[str], set[str]]:
-    """(problems, pending files still missing) of the relative links and repository paths in `text`."""
-    problems, pending = [], set()
+def link_problems(text: str, base: Path, name: str) -> list[str]:
+    """The problems of the relative links and repository paths in `text`."""
+    problems = []
     prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # links inside code blocks are not links
     for target in re.findall(r"\]\(([^)\s]+)\)", prose):
         if re.match(r"^[a-z]+:", target):
@@ -224,16 +221,13 @@ def link_problems(text: str, base: Path, name: str) -> tuple[list[str], set[str]
         path = (base / file).resolve() if file else base / name
         relative = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
         if not path.exists():
-            if relative in PENDING_FILES:
-                pending.add(relative)
-            else:
-                problems.append(f"{name}: link to {target}: no file {relative}")
+            problems.append(f"{name}: link to {target}: no file {relative}")
         elif anchor and path.suffix == ".md" and anchor not in anchors(path):
             problems.append(f"{name}: link to {target}: {relative} has no heading #{anchor}")
     for quoted in re.findall(r"`([^`\s]+)`", prose):
         if REPO_PATH.match(quoted) and not PLACEHOLDER.search(quoted) and not (REPO / quoted).exists():
-            (pending.add(quoted) if quoted in PENDING_FILES else problems.append(f"{name}: names `{quoted}`, which does not exist"))
-    return problems, pending
+            problems.append(f"{name}: names `{quoted}`, which does not exist")
+    return problems
 
 
 def linked_docs_pages() -> list[str]:
@@ -242,14 +236,12 @@ def linked_docs_pages() -> list[str]:
     return sorted({m for m in re.findall(r"\]\((docs/[^)#\s]+\.md)", prose) if (REPO / m).is_file()})
 
 
-def all_link_problems() -> tuple[list[str], set[str]]:
+def all_link_problems() -> list[str]:
     """The README's links, and those of the docs/ pages it links to."""
-    problems, pending = link_problems(README.read_text(), REPO, "README.md")
+    problems = link_problems(README.read_text(), REPO, "README.md")
     for page in linked_docs_pages():
-        more, more_pending = link_problems((REPO / page).read_text(), (REPO / page).parent, page)
-        problems += more
-        pending |= more_pending
-    return problems, pending
+        problems += link_problems((REPO / page).read_text(), (REPO / page).parent, page)
+    return problems
 
 
 # --- the tests ------------------------------------------------------------------------------
@@ -275,16 +267,9 @@ def test_quick_start_is_the_two_make_commands():
 
 
 def test_every_link_in_the_readme_and_its_docs_pages_resolves():
-    problems, _ = all_link_problems()
+    problems = all_link_problems()
     assert not problems, "\n".join(problems)
 
-
-def test_pending_files():
-    """Files the README links before they are made (PENDING_FILES): an expected failure that names
-    the missing ones until they exist."""
-    _, missing = all_link_problems()
-    if missing:
-        pytest.xfail(f"not added yet: {', '.join(sorted(missing))}")
 
 
 BAD_README = """\
@@ -347,11 +332,11 @@ def test_the_checker_finds_mistyped_commands_flags_and_links():
     for text in expected:
         assert sum(text in p for p in problems) == 1, f"{text!r} not reported once in:\n" + "\n".join(problems)
     assert len(problems) == len(expected), "\n".join(problems)
-    links, _ = link_problems(BAD_README, REPO, "README.md")
+    links = link_problems(BAD_README, REPO, "README.md")
     assert len(links) == 3 and "no file docs/no-such-page.md" in links[0] and "#no-such-heading" in links[1]
     assert "`scripts/gone.py`" in links[2]
 
 
 def test_the_checker_accepts_correct_commands_and_links():
     assert readme_command_problems(GOOD_README) == []
-    assert link_problems(GOOD_README, REPO, "README.md") == ([], set())
+    assert link_problems(GOOD_README, REPO, "README.md") == []
