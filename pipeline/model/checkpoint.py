@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -79,7 +78,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> CascadeC
     try:
         model_cfg = ModelConfig.model_validate_json(meta.get("model_config", ""))
         arch = json.loads(meta.get("arch", ""))
-    except (ValidationError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # pydantic's ValidationError and json's JSONDecodeError are ValueErrors
         raise ArchError(f"{path}: the model or arch config in its metadata is not valid ({exc}); write the file "
                         "again with this version (`dvc repro`, or `cascade-clip import-checkpoint`)") from None
     model = build_model(model_cfg, check_arch(arch, source=str(path)))
