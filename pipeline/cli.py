@@ -196,8 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", type=Path, default=Path("params.yaml"), help="params file for --apply-preset")
     p.set_defaults(func=_cmd_params)
 
-    presets = ["voc12", "coco", "context59", "demo"]
-    variants = ["cascade", "zegclip", "fusion", "frozen", "multi_decoder_last", "multi_decoder_fusion"]  # pipeline.model.VARIANTS
+    from typing import get_args
+
+    from pipeline.config import Variant, model_preset_names
+
+    presets = model_preset_names()  # "demo" and presets/*.yaml that define a model
+    variants = list(get_args(Variant))  # the names of pipeline.model.VARIANTS (light: no torch import here)
     p = sub.add_parser("model-info", help="parameters, multiply-adds/FLOPs per image, stages and NGA weights of a preset")
     p.add_argument("--preset", choices=presets, default="coco")
     p.add_argument("--variant", choices=variants, default="cascade")

@@ -21,6 +21,8 @@ from pipeline.errors import CascadeError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 PRESETS_DIR = REPO_ROOT / "presets"
+ABLATIONS_FILE = "ablations.yaml"  # in PRESETS_DIR: the ablation grids (pipeline.experiments), not a preset
+DEMO_PRESET = "demo"  # model preset without a file: the schema defaults (the demo world)
 IGNORE_INDEX = 255  # label value for "no class" in every prepared label map
 
 
@@ -64,8 +66,26 @@ class DemoConfig(Section):
         return self
 
 
+def catalog_dataset(name: str, *, real: bool = False) -> str:
+    """`name` if pipeline/data/catalog.yaml has it (real=True: a dataset built from official files),
+    else a ValueError listing the valid choices. The catalog is the one list of dataset names."""
+    from pipeline.data.catalog import dataset_names  # light (reads catalog.yaml); imported late: no cycle
+
+    names = dataset_names(real=real)
+    if name not in names:
+        raise ValueError(f"invalid value {name!r}; valid choices: {', '.join(map(repr, names))}")
+    return name
+
+
+def catalog_class_count(name: str) -> int:
+    """The number of classes of catalog dataset `name` (for model presets: counted in FLOPs)."""
+    from pipeline.data.catalog import get_dataset  # light (reads catalog.yaml); imported late: no cycle
+
+    return len(get_dataset(name).classes)
+
+
 class DatasetConfig(Section):
-    name: Literal["demo", "voc12", "coco_stuff164k", "context59"] = "demo"
+    name: str = "demo"
     """dataset from the catalog (pipeline/data/catalog.yaml)"""
     unseen_split: str | None = None
     """named unseen-class split from the catalog; null = the dataset's default split"""
@@ -87,6 +107,11 @@ class DatasetConfig(Section):
     """processes converting a real dataset's images and labels in parallel"""
     demo: DemoConfig = DemoConfig()
     """size and drawing settings of the synthetic demo world"""
+
+    @field_validator("name")
+    @classmethod
+    def _in_catalog(cls, name: str) -> str:
+        return catalog_dataset(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,8 +239,13 @@ class TextConfig(Section):
 # --------------------------------------------------------------------------------------------
 # model and loss
 # --------------------------------------------------------------------------------------------
+# The model variants' names; pipeline.model.build.VARIANTS maps each to its builder (a test keeps
+# the two equal; the list stays here because the model package imports this module, not the reverse).
+Variant = Literal["cascade", "zegclip", "fusion", "frozen", "multi_decoder_last", "multi_decoder_fusion"]
+
+
 class ModelConfig(Section):
-    variant: Literal["cascade", "zegclip", "fusion", "frozen", "multi_decoder_last", "multi_decoder_fusion"] = "cascade"
+    variant: Variant = "cascade"
     """named builder: cascade (the paper), zegclip (one stage {12}), fusion (taps fused, one decoder), frozen (no prompts), multi_decoder_last / multi_decoder_fusion (Table 7: three decoders on block 12 / on the sum of blocks 6-12)"""
     stages: list[tuple[int, int]] = [(6, 8), (9, 11), (12, 12)]
     """cascade stages as inclusive 1-based block ranges, contiguous and inside the encoder depth"""
@@ -377,12 +407,17 @@ class EvaluateConfig(Section):
     """sliding-window stride (426 in the paper)"""
     calibration: float = Field(0.1, ge=0, le=1)
     """subtracted from seen-class scores of the inductive model (0.1 in the release)"""
-    cross_dataset: Literal["voc12", "coco_stuff164k", "context59"] | None = None
-    """evaluate on another dataset's val split with all its classes; null = the training dataset"""
+    cross_dataset: str | None = None
+    """evaluate on another (real) catalog dataset's val split with all its classes; null = the training dataset"""
     n_overlays: int = Field(8, ge=0)
     """validation images drawn as image / truth / prediction overlays"""
     batch_size: int = Field(8, ge=1)
     """images per inference batch"""
+
+    @field_validator("cross_dataset")
+    @classmethod
+    def _in_catalog(cls, name: str | None) -> str | None:
+        return None if name is None else catalog_dataset(name, real=True)
 
 
 class TrackingConfig(Section):
@@ -426,9 +461,17 @@ class Params(Section):
         return self
 
     def section_dict(self, *sections: str) -> dict[str, Any]:
-        """The named sections as plain JSON-ready data (all sections when none are named)."""
+        """The named sections as plain JSON-ready data (all sections when none are named); a dotted
+        name such as "dataset.demo.rotation" gives just that key, nested as in params.yaml."""
         data = self.model_dump(mode="json")
-        return {name: data[name] for name in (sections or tuple(data))}
+        picked: dict[str, Any] = {}
+        for name in sections or tuple(data):
+            *parents, leaf = name.split(".")
+            source, target = data, picked
+            for part in parents:
+                source, target = source[part], target.setdefault(part, {})
+            target[leaf] = source[leaf]
+        return picked
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,6 +510,28 @@ def preset_path(name: str) -> Path:
         known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))) or "none"
         raise ParamsError(f"unknown preset {name!r}; valid presets: {known}")
     return path
+
+
+def model_preset_names() -> list[str]:
+    """The presets that define a model (model-info, bench, import-checkpoint): "demo", the schema
+    defaults, then every presets/NAME.yaml that trains one, i.e. not the ablation grids
+    (ablations.yaml) and not a cross-dataset preset (it evaluates another preset's model)."""
+    names = [DEMO_PRESET]
+    for path in sorted(PRESETS_DIR.glob("*.yaml")):
+        data = _read_yaml(path)
+        if path.name != ABLATIONS_FILE and not (data.get("evaluate") or {}).get("cross_dataset"):
+            names.append(path.stem)
+    return names
+
+
+def preset_params(name: str) -> Params:
+    """The parameters of a model preset: presets/NAME.yaml over the schema defaults (not over
+    params.yaml, so a local edit does not change a preset); "demo" is the defaults themselves."""
+    if name not in model_preset_names():
+        raise ParamsError(f"unknown model preset {name!r}; valid: {', '.join(model_preset_names())}")
+    if name == DEMO_PRESET:
+        return Params()
+    return validate_params(_read_yaml(preset_path(name)), source=f"preset {name}")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -20,12 +20,12 @@ from ruamel.yaml.error import CommentMark
 from ruamel.yaml.tokens import CommentToken
 from ruamel.yaml.util import load_yaml_guess_indent
 
-from pipeline.config import DEFAULT_PARAMS, PRESETS_DIR, ParamsError, load_params, preset_path, validate_params
+from pipeline.config import ABLATIONS_FILE, DEFAULT_PARAMS, PRESETS_DIR, ParamsError, load_params, preset_path, validate_params
 from pipeline.errors import CascadeError
 from pipeline.io import atomic_file
 from pipeline.tracking import flatten
 
-ABLATIONS = PRESETS_DIR / "ablations.yaml"
+ABLATIONS = PRESETS_DIR / ABLATIONS_FILE
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pipeline.weights import WeightsUnavailable, load_pretrained, save_backbone
 from stages.common import StageContext, run_stage
 
 NAME = "backbone"
-SECTIONS = ("seed", "clip")
+SECTIONS = ("seed", "clip", "dataset.demo.rotation")  # the demo world the toy CLIP pretrains on
 OUT = "artifacts/backbone"
 METRICS = "artifacts/backbone_metrics.json"
 CURVE = "artifacts/backbone_pretrain_curve.csv"
@@ -29,9 +29,7 @@ def main(ctx: StageContext) -> None:
     clip = rooted(ctx.params.clip, ctx)
     with atomic_dir(ctx.path(OUT)) as tmp:
         if clip.source == "toy":
-            rotation = ctx.params.dataset.demo.rotation  # the demo world the toy CLIP learns
-            if ctx.run is not None:
-                mlflow.log_param("dataset.demo.rotation", rotation)
+            rotation = ctx.params.dataset.demo.rotation  # the demo world the toy CLIP learns (logged: in SECTIONS)
             toy = pretrain_toy_clip(clip.toy, ctx.params.seed, rotation=rotation)
             meta = save_backbone(tmp, toy.arch, toy.model, source="toy", details={"pretraining": toy.summary})
             curve, checks = toy.result.curve, toy.metrics

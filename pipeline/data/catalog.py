@@ -48,8 +48,10 @@ def _raw() -> dict:
     return yaml.safe_load(CATALOG_PATH.read_text())
 
 
-def dataset_names() -> list[str]:
-    return list(_raw()["datasets"])
+def dataset_names(*, real: bool = False) -> list[str]:
+    """The catalog's datasets, in catalog order; real=True: only those built from official source
+    files (not the drawn demo world)."""
+    return [name for name, entry in _raw()["datasets"].items() if not real or entry.get("sources")]
 
 
 def get_dataset(name: str) -> DatasetEntry:

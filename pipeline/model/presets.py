@@ -1,34 +1,38 @@
-"""Named model presets as one table: the paper's three release configurations and the demo."""
+"""Named model presets, read from the parameter presets: presets/NAME.yaml (the paper's release
+configurations) over the schema defaults, and "demo" (the defaults). Every number of a row comes
+from there or from the dataset catalog; this module holds none of its own."""
 
 from __future__ import annotations
 
-from pipeline.config import ClipConfig, ModelConfig
-from pipeline.model.clip import arch_config, named_arch
+from pipeline.config import ModelConfig, Params, catalog_class_count, preset_params
+from pipeline.model.clip import arch_config
 
-PAPER_STAGES = [(6, 8), (9, 11), (12, 12)]
 
-# arch: open_clip architecture name, or "toy" for the ToyClipConfig defaults
-# image_size: input side in pixels; prompt_tokens: P; num_classes: classes counted in FLOPs
-# release: whether the authors' release reproduces it (switches on release-compatible behaviour)
-PRESETS: dict[str, dict] = {
-    "voc12": {"arch": "ViT-B-16-quickgelu", "image_size": 512, "prompt_tokens": 10, "num_classes": 20, "stages": PAPER_STAGES, "release": True},
-    "coco": {"arch": "ViT-B-16-quickgelu", "image_size": 512, "prompt_tokens": 50, "num_classes": 171, "stages": PAPER_STAGES, "release": True},
-    "context59": {"arch": "ViT-B-16-quickgelu", "image_size": 512, "prompt_tokens": 35, "num_classes": 59, "stages": PAPER_STAGES, "release": True},
-    "demo": {"arch": "toy", "image_size": 96, "prompt_tokens": 10, "num_classes": 16, "stages": PAPER_STAGES, "release": False},
-}
+def model_row(params: Params) -> dict:
+    """The model facts of a parameter set, as model-info, bench and import-checkpoint use them.
+
+    arch: open_clip architecture name, or "toy" for the toy CLIP (clip.toy); image_size: input side
+    in pixels (model.image_size, else the training crop); prompt_tokens: P; num_classes: the
+    dataset's classes in the catalog (counted in FLOPs); release: the preset reproduces the
+    authors' release (release-compatible behaviour: double CLS, random frozen taps)."""
+    return {
+        "arch": "toy" if params.clip.source == "toy" else params.clip.arch,
+        "image_size": params.model.image_size or params.train.crop_size,
+        "prompt_tokens": params.model.prompt_tokens,
+        "num_classes": catalog_class_count(params.dataset.name),
+        "stages": [tuple(stage) for stage in params.model.stages],
+        "release": params.model.release_double_cls,
+    }
 
 
 def preset(name: str) -> dict:
-    """The table row of a preset (a copy)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; valid: {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
+    """The row of a model preset (pipeline.config.model_preset_names; another name: ParamsError)."""
+    return model_row(preset_params(name))
 
 
 def preset_arch(name: str) -> dict:
     """The open_clip arch config of a preset."""
-    row = preset(name)
-    return arch_config(ClipConfig()) if row["arch"] == "toy" else named_arch(row["arch"])
+    return arch_config(preset_params(name).clip)
 
 
 def preset_model_config(name: str, variant: str = "cascade") -> ModelConfig:
