@@ -156,6 +156,29 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import TrackingConfig
+    from pipeline.report import build_report, check_table, load_runs, log_report, write_report
+    from pipeline.tracking import tracking_uri
+
+    check_table(args.table)
+    uri = args.tracking_uri or tracking_uri(TrackingConfig())
+    client = MlflowClient(uri)
+    experiment = args.experiment or TrackingConfig().experiment
+    runs, experiment_id = load_runs(client, experiment)
+    report = build_report(runs, args.table, source=f"experiment {experiment!r}")
+    files = write_report(report, args.out)
+    print(report.to_markdown(), end="")
+    if experiment_id is None:
+        print(f"wrote {files[0]} and {files[1]}; no MLflow experiment {experiment!r}, so the report was not logged")
+    else:
+        run_id = log_report(client, experiment_id, args.table, files)
+        print(f"wrote {files[0]} and {files[1]}; logged to MLflow run {run_id} (experiment {experiment!r})")
+    return 0
+
+
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -256,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     p.set_defaults(func=_cmd_fetch_model)
+
+    p = sub.add_parser("report", help="the paper's tables (or an ablation table) filled from MLflow, beside the paper's numbers")
+    p.add_argument("--table", default="paper", help="paper (Tables 2-3) or an ablation table of presets/ablations.yaml, e.g. table4")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: cascade-clip)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="folder for report.md and report.html")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("queue", help="queue a paper ablation table as DVC experiments (list the tables without TABLE)")
     p.add_argument("table", nargs="?", help="table name from presets/ablations.yaml, e.g. table8")

@@ -44,6 +44,25 @@ def summary_markdown(metrics: dict[str, dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_markdown(cwd: str) -> str | None:
+    """`cascade-clip report`'s paper table from the MLflow store this project's params.yaml names
+    (read only: no report run is logged); None, with the reason printed, when it cannot be made:
+    the pipeline ran, and a report is not worth failing it for."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_params
+    from pipeline.report import build_report, load_runs
+    from pipeline.tracking import tracking_uri
+
+    try:
+        cfg = load_params(Path(cwd) / "params.yaml").tracking
+        runs, _ = load_runs(MlflowClient(tracking_uri(cfg, Path(cwd))), cfg.experiment)
+        return build_report(runs, source=f"experiment {cfg.experiment!r}").to_markdown()
+    except Exception as exc:  # noqa: BLE001 - reported, never raised (see the docstring)
+        print(f"no results report artifact: {type(exc).__name__}: {exc}")
+        return None
+
+
 @flow(name="cascade-clip-pipeline", log_prints=True)
 def pipeline(
     preset: str | None = None,
@@ -72,6 +91,10 @@ def pipeline(
     title = f"cascade-clip {preset or 'params.yaml'}" + (f" ({experiment_name})" if experiment_name else "")
     create_markdown_artifact(markdown=summary_markdown(metrics, title), key="cascade-clip-metrics",
                              description="final mIoU^S / mIoU^U / hIoU of the pipeline run")
+    report = report_markdown(cwd)
+    if report is not None:
+        create_markdown_artifact(markdown=report, key="cascade-clip-report",
+                                 description="the paper's Tables 2-3 filled from MLflow (`cascade-clip report`)")
     return metrics
 
 
