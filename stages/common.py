@@ -169,6 +169,7 @@ def content_digest(path: Path) -> str:
             digest.update(f"{file.relative_to(path).as_posix()}\0{content_digest(file)}\n".encode())
     return digest.hexdigest()
 
+
 LOCKS = ".cascade-clip/locks"  # one lock file per stage, under the project root
 
 
