@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import CascadeError
+from pipeline.io import sha256_file
 from pipeline.tracking import (
     TAG_DVC_EXP,
     TAG_GROUP,
@@ -19,7 +20,6 @@ from pipeline.tracking import (
     TAG_SCORED_MODEL,
     TAG_SCORED_SHA256,
     TAG_STAGE,
-    file_sha256,
 )
 
 METRICS = ("mIoU_seen", "mIoU_unseen", "hIoU")  # unprefixed: the pipeline's final model
@@ -154,7 +154,7 @@ def fetch_registered_model(client, name: str, dst: Path, *, alias: str | None = 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.tmp-") as tmp:
         local = Path(client.download_artifacts(run_id, artifact, tmp))
-        actual = file_sha256(local)
+        actual = sha256_file(local)
         if actual != expected:
             raise CascadeError(f"{label}: {mv.source} has sha256 {actual}, but {expected} was recorded when run "
                                f"{run_id} logged it; the stored file changed since, refusing to use it")

@@ -13,6 +13,7 @@ or the new complete version, never a renamed folder of empty files.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -197,6 +198,12 @@ def write_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Ma
         handle.write(text)
         handle.write(memoryview(blob)[8 + size :])
     return Path(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in chunks (hex)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_json(path: str | Path, data: Any) -> None:

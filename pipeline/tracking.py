@@ -11,7 +11,6 @@ not), and such a copy is also recognised by its path. See docs/tracking.md.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.config import TrackingConfig, params_hash
+from pipeline.io import sha256_file
 
 GROUP_ENV = "CASCADE_CLIP_GROUP"  # set by `make repro` / the pipeline flow to group one execution's runs
 PRESET_ENV = "CASCADE_CLIP_PRESET"  # set by the pipeline flow: the preset an execution runs
@@ -262,17 +262,12 @@ def mlflow_run(
         _end_parent(client, parent, status)
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def log_model_file(path: Path) -> str:
     """Log a model file as an artifact of the active run (under model/), tagged with its sha256
     (checked again whenever a registered copy is loaded). Returns the sha256."""
     import mlflow
 
-    sha = file_sha256(path)
+    sha = sha256_file(path)
     mlflow.log_artifact(str(path), MODEL_ARTIFACT_DIR)
     mlflow.set_tags({TAG_MODEL_SHA256: sha, TAG_MODEL_ARTIFACT: f"{MODEL_ARTIFACT_DIR}/{path.name}"})
     return sha
@@ -286,7 +281,7 @@ def tag_scored_model(path: Path) -> str:
     from mlflow.tracking import MlflowClient
 
     run = mlflow.active_run()
-    sha = file_sha256(path)
+    sha = sha256_file(path)
     logged = MlflowClient().search_runs(
         [run.info.experiment_id],
         filter_string=f"tags.`{TAG_MODEL_SHA256}` = '{sha}' and attributes.status = 'FINISHED'",

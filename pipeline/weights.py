@@ -16,7 +16,6 @@ is built. The toy CLIP is trained by pipeline.engine.pretrain and saved here wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -38,7 +37,7 @@ from pipeline.config import ClipConfig
 from pipeline.data.download import ChecksumError, DownloadError, RetryPolicy, TransientDownloadError
 from pipeline.data.download import download as download_file
 from pipeline.errors import CascadeError
-from pipeline.io import write_safetensors
+from pipeline.io import sha256_file, write_safetensors
 from pipeline.model.clip import (
     arch_config,
     check_arch,
@@ -58,7 +57,6 @@ CLIP_MEAN = tuple(open_clip.constants.OPENAI_DATASET_MEAN)  # pixel statistics e
 CLIP_STD = tuple(open_clip.constants.OPENAI_DATASET_STD)
 OPENAI_TAG = "openai"
 DOWNLOAD_TIMEOUT_S = 60
-_CHUNK = 1 << 20
 
 
 class WeightsError(CascadeError, ValueError):
@@ -77,14 +75,6 @@ class Backbone(NamedTuple):
     arch: dict  # open_clip model config
     state: dict[str, torch.Tensor]  # full CLIP state dict, float32
     meta: dict  # clip.json
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_sha256(path: Path, expected: str, *, what: str, fix: str) -> str:

@@ -27,7 +27,7 @@ import yaml
 
 from pipeline.config import DEFAULT_PARAMS, Params, load_params, params_hash
 from pipeline.errors import CascadeError
-from pipeline.io import OLD_MARK, TMP_MARK
+from pipeline.io import OLD_MARK, TMP_MARK, sha256_file
 from pipeline.tracking import (
     TAG_PREFECT_FLOW_RUN,
     log_model_file,
@@ -161,8 +161,7 @@ def content_digest(path: Path) -> str:
     if not path.exists():
         return "missing"
     if path.is_file():
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        return sha256_file(path)
     digest = hashlib.sha256()
     for file in sorted(path.rglob("*")):
         if file.is_file() and not any(_skipped(part) for part in (file, *file.relative_to(path).parents)):

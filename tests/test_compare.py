@@ -8,12 +8,12 @@ from mlflow.tracking import MlflowClient
 from pipeline.cli import main
 from pipeline.compare import TAG_MODEL_FILE, compare, evaluation_runs, fetch_registered_model, register_best
 from pipeline.errors import CascadeError
+from pipeline.io import sha256_file
 from pipeline.tracking import (
     TAG_MODEL_SHA256,
     TAG_SCORED_MODEL,
     TAG_STAGE,
     ensure_experiment,
-    file_sha256,
     log_model_file,
     tag_scored_model,
 )
@@ -65,7 +65,7 @@ def test_best_run_is_registered_from_its_logged_artifact_with_alias_hiou_and_sha
     by_alias = store.get_model_version_by_alias("cascade-clip-demo", "best")
     assert by_alias.version == version.version and by_alias.tags["hIoU"] == "70.0000"
     assert by_alias.source == f"runs:/{best.info.run_id}/model/model_70.0.safetensors"  # never a workspace path
-    assert by_alias.tags[TAG_MODEL_SHA256] == file_sha256(tmp_path / "model_70.0.safetensors")
+    assert by_alias.tags[TAG_MODEL_SHA256] == sha256_file(tmp_path / "model_70.0.safetensors")
 
 
 def test_a_registered_model_is_fetched_with_its_sha256_checked_and_a_changed_file_refused(store, tmp_path, mlflow_uri, capsys):

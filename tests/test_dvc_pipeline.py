@@ -6,7 +6,8 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import TAG_MODEL_SHA256, TAG_PARENT_RUN, TAG_ROLE, TAG_SCORED_MODEL, TAG_STAGE, file_sha256
+from pipeline.io import sha256_file
+from pipeline.tracking import TAG_MODEL_SHA256, TAG_PARENT_RUN, TAG_ROLE, TAG_SCORED_MODEL, TAG_STAGE
 from tests.conftest import dvc
 
 pytestmark = pytest.mark.slow
@@ -60,6 +61,6 @@ def test_every_stage_logs_one_run_in_one_group_and_the_evaluation_carries_all_pa
     by_stage = {r.data.tags[TAG_STAGE]: r for r in runs}
     for stage in ("train", "self_train"):
         tags = by_stage[stage].data.tags
-        assert tags[TAG_MODEL_SHA256] == file_sha256(tiny_pipeline.repo / f"artifacts/{stage}/model.safetensors")
+        assert tags[TAG_MODEL_SHA256] == sha256_file(tiny_pipeline.repo / f"artifacts/{stage}/model.safetensors")
         assert [a.path for a in client.list_artifacts(by_stage[stage].info.run_id, "model")] == ["model/model.safetensors"]
     assert evaluation.data.tags[TAG_SCORED_MODEL] == f"runs:/{by_stage['self_train'].info.run_id}/model/model.safetensors"

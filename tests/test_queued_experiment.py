@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.cli import main as cli
 from pipeline.compare import load_registered_model
 from pipeline.errors import CascadeError
-from pipeline.tracking import TAG_DVC_EXP, TAG_PARENT_RUN, TAG_ROLE, TAG_SCORED_MODEL, TAG_STAGE, file_sha256
+from pipeline.io import sha256_file
+from pipeline.tracking import TAG_DVC_EXP, TAG_PARENT_RUN, TAG_ROLE, TAG_SCORED_MODEL, TAG_STAGE
 from tests.conftest import dvc
 
 pytestmark = pytest.mark.slow
@@ -83,7 +84,7 @@ def test_the_queued_experiments_model_registers_as_a_runs_uri_and_loads_checked(
 
     run_id, _, path = version.source.removeprefix("runs:/").partition("/")
     stored = Path(urlparse(client.get_run(run_id).info.artifact_uri).path) / path
-    assert file_sha256(stored) == file_sha256(repo / "artifacts/self_train/model.safetensors")
+    assert sha256_file(stored) == sha256_file(repo / "artifacts/self_train/model.safetensors")
     original = stored.read_bytes()
     try:
         stored.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one bit flipped in the store

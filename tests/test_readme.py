@@ -16,7 +16,6 @@ import shlex
 import tomllib
 from pathlib import Path
 
-import pytest
 
 from pipeline.cli import build_parser
 
