@@ -116,7 +116,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if inference is not None:
         inference = inference.model_copy(update={k: v for k, v in {"mode": args.mode, "crop_size": args.crop,
                                                                      "stride": args.stride, "short_side": args.short_side}.items() if v})
-    segmenter = Segmenter.from_file(model_path, device=args.device, templates=args.templates, inference=inference)
+    segmenter = Segmenter.from_file(model_path, device=args.device, templates=args.templates, inference=inference,
+                                    backbone=args.backbone)
     colours = palette(len(classes))
     for path, stem in tqdm(plan, desc="segmenting", unit="img", disable=len(plan) < 2):
         result = segmenter(path, classes, threshold=args.threshold)
@@ -300,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("predictions"),
                    help="output folder; images from a given folder keep their subfolders under it")
     p.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run (default: refuse)")
+    p.add_argument("--backbone", type=Path, default=None,
+                   help="the model's frozen CLIP backbone file or folder (default: where the model file says, checked by sha256)")
     p.add_argument("--templates", default=None, help="template set (single, paper15); default: the model's own")
     p.add_argument("--threshold", type=float, default=0.0, help="pixels whose best score is below this stay unlabelled (255)")
     p.add_argument("--scores", action="store_true", help="also write per-class score maps (<name>_scores.npy, float16 [C, H, W])")

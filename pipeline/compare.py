@@ -16,6 +16,7 @@ from pipeline.tracking import (
     TAG_DVC_EXP,
     TAG_GROUP,
     TAG_MODEL_ARTIFACT,
+    TAG_MODEL_PROJECT,
     TAG_MODEL_SHA256,
     TAG_SCORED_MODEL,
     TAG_SCORED_SHA256,
@@ -162,10 +163,16 @@ def fetch_registered_model(client, name: str, dst: Path, *, alias: str | None = 
     return dst
 
 
-def load_registered_model(client, name: str, *, alias: str | None = "best", version: str | None = None, map_location="cpu"):
-    """The registered model, built from its checked file (`fetch_registered_model`)."""
+def load_registered_model(client, name: str, *, alias: str | None = "best", version: str | None = None, map_location="cpu",
+                          backbone: str | Path | None = None):
+    """The registered model, built from its checked file (`fetch_registered_model`); its frozen CLIP backbone
+    from `backbone` or where the file says (`pipeline.model.load`)."""
     from pipeline.model import load
 
+    if backbone is None:  # the repository the model was made in, when it is on this machine
+        mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+        project = _run(client, _runs_uri(mv.source)[0]).data.tags.get(TAG_MODEL_PROJECT, "")
+        backbone = project if project and Path(project).is_dir() else None
     with tempfile.TemporaryDirectory(prefix="cascade-clip-model-") as tmp:
         path = fetch_registered_model(client, name, Path(tmp) / "model.safetensors", alias=alias, version=version)
-        return load(path, map_location=map_location)
+        return load(path, map_location=map_location, backbone=backbone)

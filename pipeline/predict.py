@@ -122,14 +122,17 @@ class Segmenter:
         device: str = "auto",
         templates: str | Sequence[str] | None = None,
         inference: EvaluateConfig | None = None,
+        backbone: str | Path | None = None,
     ) -> Segmenter:
         """Load a model file (written by training or import-checkpoint). `templates`: a catalog set
-        name, a list of templates with '{}', or None for the ones the model was trained with."""
+        name, a list of templates with '{}', or None for the ones the model was trained with.
+        `backbone`: the frozen CLIP file (or folder) of a model file that refers to one, when it is not
+        where the file says (see `pipeline.model.load`)."""
         path = Path(path)
         if not path.is_file():
             raise CascadeError(f"{path}: model file not found; train one with `dvc repro` or pass --model")
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        model = load(path, map_location=device)
+        model = load(path, map_location=device, backbone=backbone)
         card = model_extra(path)
         if templates is None:
             chosen = card.get("templates") or list(template_set("single"))

@@ -38,6 +38,7 @@ TAG_ROLE = "cascade.role"  # "pipeline" on the parent run of one pipeline execut
 TAG_PREFECT_FLOW_RUN = "cascade.prefect_flow_run_id"
 TAG_MODEL_SHA256 = "cascade.model_sha256"  # on the run that logged a model file: the file's sha256 at logging
 TAG_MODEL_ARTIFACT = "cascade.model_artifact"  # ... and its artifact path in that run
+TAG_MODEL_PROJECT = "cascade.model_project"  # ... and the repository it was made in (whose DVC cache has its backbone)
 TAG_SCORED_MODEL = "cascade.scored_model"  # on an evaluation: runs:/<run_id>/<path> of the model it scored
 TAG_SCORED_SHA256 = "cascade.scored_model_sha256"  # ... and that file's sha256
 TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under this one
@@ -264,12 +265,14 @@ def mlflow_run(
 
 def log_model_file(path: Path) -> str:
     """Log a model file as an artifact of the active run (under model/), tagged with its sha256
-    (checked again whenever a registered copy is loaded). Returns the sha256."""
+    (checked again whenever a registered copy is loaded) and the repository it was made in (where
+    loading finds the frozen backbone it refers to). Returns the sha256."""
     import mlflow
 
     sha = sha256_file(path)
     mlflow.log_artifact(str(path), MODEL_ARTIFACT_DIR)
-    mlflow.set_tags({TAG_MODEL_SHA256: sha, TAG_MODEL_ARTIFACT: f"{MODEL_ARTIFACT_DIR}/{path.name}"})
+    mlflow.set_tags({TAG_MODEL_SHA256: sha, TAG_MODEL_ARTIFACT: f"{MODEL_ARTIFACT_DIR}/{path.name}",
+                     TAG_MODEL_PROJECT: str(store_root())})
     return sha
 
 

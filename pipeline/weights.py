@@ -38,6 +38,7 @@ from pipeline.data.download import ChecksumError, DownloadError, RetryPolicy, Tr
 from pipeline.data.download import download as download_file
 from pipeline.errors import CascadeError
 from pipeline.io import sha256_file, write_safetensors
+from pipeline.model.backbone_ref import BACKBONE_FILE, BackboneRef
 from pipeline.model.clip import (
     arch_config,
     check_arch,
@@ -50,7 +51,7 @@ from pipeline.model.state import StateDictError, check_state_dict
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "clip.safetensors"
+WEIGHTS_FILE = BACKBONE_FILE  # the weights file of a backbone folder
 META_FILE = "clip.json"
 FORMAT_VERSION = 1
 CLIP_MEAN = tuple(open_clip.constants.OPENAI_DATASET_MEAN)  # pixel statistics every source here uses (0..1 scale)
@@ -354,4 +355,12 @@ def build_clip(backbone: Backbone) -> CLIP:
     model = create_clip(backbone.arch)
     load_clip_state(model, backbone.state)
     return model.eval()
+
+
+def backbone_reference(folder: str | Path, *, recorded_as: str | Path) -> BackboneRef:
+    """The reference a model file built on the backbone in `folder` keeps instead of its CLIP tensors
+    (`recorded_as`: the folder's path relative to the project root, as the stages name it)."""
+    meta = read_backbone_meta(folder)
+    return BackboneRef.of_file(Path(folder) / WEIGHTS_FILE, recorded_as=Path(recorded_as) / WEIGHTS_FILE,
+                               source=f"{meta.get('source', '?')} {meta.get('arch_name') or ''}".strip())
 

@@ -102,7 +102,7 @@ def main(ctx: StageContext) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict[str, EvalResult] = {}
     for name, model_file, calibrated in SETTINGS:
-        model = load(ctx.path(model_file), map_location=device)
+        model = load(ctx.path(model_file), map_location=device, backbone=ctx.path(BACKBONE))
         class_embeddings = embeddings if embeddings is not None else cross_embeddings(model, classes)
         calibration = p.evaluate.calibration if calibrated and classes.seen_ids else 0.0
         # a calibrated model is also scored without calibration (same pass): what the calibration moves

@@ -46,7 +46,8 @@ def main(ctx: StageContext) -> None:
     classes = ClassInfo.read(root / "classes.json")
     embeddings = load_text_embeddings(ctx.path(TEXT), classes)
     normalize = normalizer(p.train.normalization, read_backbone_meta(ctx.path(BACKBONE)))
-    model = load(ctx.path(MODELS[p.pseudo.checkpoint]), map_location="cuda" if torch.cuda.is_available() else "cpu")
+    model = load(ctx.path(MODELS[p.pseudo.checkpoint]), map_location="cuda" if torch.cuda.is_available() else "cpu",
+                 backbone=ctx.path(BACKBONE))
     with atomic_dir(ctx.path(OUT)) as tmp:
         stats, samples = generate(model, embeddings, root, classes, tmp, cfg=p.evaluate, normalize=normalize,
                                   threshold=p.pseudo.threshold, keep_samples=p.pseudo.n_overlays)

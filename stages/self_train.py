@@ -38,7 +38,7 @@ def main(ctx: StageContext) -> None:
     p = ctx.params
     classes = ClassInfo.read(ctx.path(PREPARED) / "classes.json")
     embeddings = load_text_embeddings(ctx.path(TEXT), classes)  # all classes: transductive
-    model = load(ctx.path(INIT[p.self_train.init]))
+    model = load(ctx.path(INIT[p.self_train.init]), backbone=ctx.path(BACKBONE))
     normalize = normalizer(p.train.normalization, read_backbone_meta(ctx.path(BACKBONE)))
     transform = train_transform(p.train, normalize)
     if p.self_train.mode == "offline":

@@ -17,7 +17,7 @@ from pipeline.engine.setup import load_text_embeddings, model_card, normalizer, 
 from pipeline.engine.train import CURVE_KEYS, Schedule, TrainResult, distributed, train
 from pipeline.io import atomic_dir, atomic_file, write_json
 from pipeline.model import build_model, save
-from pipeline.weights import load_backbone
+from pipeline.weights import backbone_reference, load_backbone
 from stages.common import StageContext, run_stage
 
 NAME = "train"
@@ -49,6 +49,7 @@ def main(ctx: StageContext) -> None:
     backbone = load_backbone(ctx.path(BACKBONE))
     torch.manual_seed(p.seed)  # the random frozen taps are not in trainable checkpoints: same seed, same taps
     model = build_model(p.model, backbone.arch, backbone.state)
+    model.backbone_ref = backbone_reference(ctx.path(BACKBONE), recorded_as=BACKBONE)  # model files refer to it
     embeddings = load_text_embeddings(ctx.path(TEXT), classes)[classes.seen_ids]
     normalize = normalizer(p.train.normalization, backbone.meta)
     dataset = SegmentationDataset(

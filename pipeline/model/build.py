@@ -157,10 +157,18 @@ def build_model(
     arch: dict,
     clip_state: Mapping[str, torch.Tensor] | None = None,
 ) -> CascadeCLIP:
-    """The model of `model_cfg.variant` on a CLIP of `arch` (random when `clip_state` is None)."""
+    """The model of `model_cfg.variant` on a CLIP of `arch` (random when `clip_state` is None).
+
+    With `clip_state`, the model's `clip_keys` name the state-dict entries that are that checkpoint's
+    tensors unchanged (model files can then refer to the checkpoint instead of copying them)."""
     if model_cfg.variant not in VARIANTS:
         raise ValueError(f"unknown variant {model_cfg.variant!r}; valid: {', '.join(VARIANTS)}")
     clip = create_clip(arch)
-    if clip_state is not None:
-        load_clip_state(clip, clip_state)
-    return VARIANTS[model_cfg.variant](model_cfg, clip, arch)
+    if clip_state is None:
+        return VARIANTS[model_cfg.variant](model_cfg, clip, arch)
+    load_clip_state(clip, clip_state)
+    loaded = {id(tensor) for tensor in clip.state_dict(keep_vars=True).values()}
+    model = VARIANTS[model_cfg.variant](model_cfg, clip, arch)
+    # the checkpoint's tensors the model uses as they are (not the resized position embedding)
+    model.clip_keys = frozenset(k for k, v in model.state_dict(keep_vars=True).items() if id(v) in loaded)
+    return model

@@ -72,6 +72,10 @@ class CascadeCLIP(nn.Module):
         self.text_encoder = text_encoder
         self.model_cfg = model_cfg
         self.arch = arch
+        self.clip_keys: frozenset[str] = frozenset()
+        """state-dict keys whose tensors are the CLIP checkpoint's own (set by build_model when given one)"""
+        self.backbone_ref = None
+        """BackboneRef of the file those tensors came from; when set, `save` writes the reference instead of them"""
         self._freeze()
 
     @property
