@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from pipeline import choose_openmp_wait
 from pipeline.errors import CascadeError
 
 
@@ -100,6 +101,7 @@ DEFAULT_MODELS = ("artifacts/self_train/model.safetensors", "artifacts/train/mod
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import matplotlib
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
@@ -109,6 +111,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.predict import Segmenter, output_files, parse_classes, plan_outputs
     from pipeline.viz import close, legend_figure
 
+    matplotlib.use("Agg")  # the legend is drawn for a file
     classes = parse_classes(args.classes)
     plan = plan_outputs(args.inputs, args.out, scores=args.scores, overwrite=args.overwrite)
     model_path = args.model or next((Path(m) for m in DEFAULT_MODELS if Path(m).is_file()), Path(DEFAULT_MODELS[-1]))
@@ -317,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    choose_openmp_wait()  # before any command imports torch
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

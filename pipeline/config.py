@@ -84,6 +84,32 @@ def catalog_class_count(name: str) -> int:
     return len(get_dataset(name).classes)
 
 
+class SourceMirror(Section):
+    url: str
+    """where to download the source file from instead of the catalog's URL (http:// or https://)"""
+    md5: str | None = None
+    """md5 of the file served there (at least one of md5 and sha256)"""
+    sha256: str | None = None
+    """sha256 of the file served there"""
+    size: int | None = Field(None, ge=1)
+    """its size in bytes (null = not checked)"""
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL; for a file you already have, use dataset.source_dir")
+        return url
+
+    @model_validator(mode="after")
+    def _checksum(self) -> SourceMirror:
+        if not (self.md5 or self.sha256):
+            raise ValueError("a mirror needs the md5 or sha256 of the file it serves: a file from another place is only "
+                             "used when its checksum is known")
+        return self
+
+
 class DatasetConfig(Section):
     name: str = "demo"
     """dataset from the catalog (pipeline/data/catalog.yaml)"""
@@ -105,6 +131,8 @@ class DatasetConfig(Section):
     """check source archives' sizes and checksums against the catalog before use"""
     workers: int = Field(2, ge=1)
     """processes converting a real dataset's images and labels in parallel"""
+    mirrors: dict[str, SourceMirror] = {}
+    """per source file of the dataset (its catalog name, e.g. voc2012, sbd): another URL and the checksum of the file served there; every source not listed comes from the catalog's URL, checked against the catalog's checksum"""
     demo: DemoConfig = DemoConfig()
     """size and drawing settings of the synthetic demo world"""
 
@@ -112,6 +140,18 @@ class DatasetConfig(Section):
     @classmethod
     def _in_catalog(cls, name: str) -> str:
         return catalog_dataset(name)
+
+    @model_validator(mode="after")
+    def _mirrored_sources(self) -> DatasetConfig:
+        if self.mirrors:
+            from pipeline.data.catalog import get_dataset  # light (reads catalog.yaml); imported late: no cycle
+
+            sources = list(get_dataset(self.name).extra.get("sources") or {})
+            unknown = sorted(set(self.mirrors) - set(sources))
+            if unknown:
+                raise ValueError(f"mirrors: {', '.join(unknown)} not a source of dataset {self.name!r}; its sources: "
+                                 f"{', '.join(sources) or 'none (it is drawn, not downloaded)'}")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,8 +217,8 @@ class ToyClipConfig(Section):
 
 
 class ClipConfig(Section):
-    source: Literal["toy", "openai", "file"] = "toy"
-    """where CLIP weights come from: pretrain a toy CLIP on the demo world, OpenAI's ViT-B/16, or a local file"""
+    source: Literal["toy", "openai", "file", "open_clip"] = "toy"
+    """where CLIP weights come from: pretrain a toy CLIP on the demo world, OpenAI's ViT-B/16, a local file, or open_clip (clip.model + clip.pretrained)"""
     arch: str = "ViT-B-16-quickgelu"
     """open_clip architecture name (or path of an open_clip model-config .json) used with source openai or file"""
     file: Path | None = None
@@ -193,6 +233,10 @@ class ClipConfig(Section):
     """fetch missing openai weights from the internet; false = only use a file already in cache_dir"""
     allow_pickle: bool = False
     """read a checkpoint that is a TorchScript archive or a full pickle (both can run code when loaded: trusted files only); OpenAI's own files, verified by their sha256, are read without it"""
+    model: str = "ViT-B-16"
+    """open_clip model-config name of source open_clip: any plain ViT (ViT-B-16, ViT-L-14, ViT-H-14, ...)"""
+    pretrained: str | None = None
+    """weights of source open_clip: an open_clip pretrained tag of clip.model (laion2b_s34b_b88k, openai, ...), an hf-hub: name, or a local checkpoint file"""
     toy: ToyClipConfig = ToyClipConfig()
     """architecture and pretraining of the toy CLIP (source toy)"""
 
@@ -210,6 +254,9 @@ class ClipConfig(Section):
     def _file_given(self) -> ClipConfig:
         if self.source == "file" and self.file is None:
             raise ValueError("source is 'file' but clip.file is not set; give the path of a local checkpoint")
+        if self.source == "open_clip" and not self.pretrained:
+            raise ValueError("source is 'open_clip' but clip.pretrained is not set; give an open_clip pretrained tag "
+                             "of clip.model (e.g. laion2b_s34b_b88k), an hf-hub: name or a local checkpoint file")
         return self
 
 
@@ -247,8 +294,8 @@ Variant = Literal["cascade", "zegclip", "fusion", "frozen", "multi_decoder_last"
 class ModelConfig(Section):
     variant: Variant = "cascade"
     """named builder: cascade (the paper), zegclip (one stage {12}), fusion (taps fused, one decoder), frozen (no prompts), multi_decoder_last / multi_decoder_fusion (Table 7: three decoders on block 12 / on the sum of blocks 6-12)"""
-    stages: list[tuple[int, int]] = [(6, 8), (9, 11), (12, 12)]
-    """cascade stages as inclusive 1-based block ranges, contiguous and inside the encoder depth"""
+    stages: list[tuple[int, int]] | None = None
+    """cascade stages as inclusive 1-based block ranges, ordered and inside the encoder depth; null = from the depth (12 blocks: the paper's [6,8],[9,11],[12,12]; else the same fractions, see depth_stages)"""
     aggregator: Literal["nga", "nga_fixed", "sum", "trainable_sum", "concat", "attention"] = "nga"
     """how a stage merges its blocks' features (Table 8): nga = trainable NGA (the paper's), nga_fixed = Gaussian weights kept fixed"""
     nga_sigma: float = Field(1.0, gt=0)
@@ -278,8 +325,31 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _stages(self) -> ModelConfig:
-        check_stage_ranges(self.stages)
+        if self.stages is not None:
+            check_stage_ranges(self.stages)
         return self
+
+    def stages_for(self, depth: int) -> list[tuple[int, int]]:
+        """The stages used on an encoder of `depth` blocks: model.stages, else `depth_stages(depth)`."""
+        if self.stages is None:
+            return depth_stages(depth)
+        check_stage_ranges(self.stages, depth)
+        return [tuple(stage) for stage in self.stages]
+
+
+def depth_stages(depth: int) -> list[tuple[int, int]]:
+    """The paper's stage split scaled to an encoder of `depth` blocks.
+
+    The paper taps a 12-block ViT as {6-8}, {9-11}, {12}: stages start at 1/2 and 3/4 of the depth
+    and the last block is a stage of its own. The same fractions (rounded down, at least block 1)
+    give {12-17}, {18-23}, {24} for 24 blocks, {16-23}, {24-31}, {32} for 32 and {3}, {4-5}, {6}
+    for 6; boundaries that coincide at small depths merge ({1}, {2} for 2 blocks, {1} for 1).
+    """
+    if depth < 1:
+        raise ValueError(f"an encoder has at least one block, got depth {depth}")
+    starts = sorted({max(1, depth // 2), max(1, 3 * depth // 4), depth})
+    ends = [start - 1 for start in starts[1:]] + [depth]
+    return list(zip(starts, ends))
 
 
 def check_stage_ranges(stages: list[tuple[int, int]], depth: int | None = None) -> None:
@@ -453,11 +523,20 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
-        if self.clip.source == "toy":
+        if self.clip.source == "toy" and self.model.stages is not None:
             try:
                 check_stage_ranges(self.model.stages, self.clip.toy.layers)
             except ValueError as exc:
                 raise ValueError(f"model.stages: {exc}") from None
+        if self.clip.source == "open_clip":
+            from pipeline.model.clip import openclip_arch  # imported late: the model package imports this module
+
+            depth = openclip_arch(self.clip.model, self.clip.pretrained)["vision_cfg"]["layers"]  # no download
+            if self.model.stages is not None:
+                try:
+                    check_stage_ranges(self.model.stages, depth)
+                except ValueError as exc:
+                    raise ValueError(f"model.stages: {exc} ({self.clip.model})") from None
         return self
 
     def section_dict(self, *sections: str) -> dict[str, Any]:

@@ -3,3 +3,7 @@
 
 class CascadeError(Exception):
     """Base class of errors whose message names the problem and the fix."""
+
+    transient = False
+    """whether the same command may succeed when run again later (a network error): a stage then exits with
+    stages.common.EXIT_TRANSIENT, which the pipeline flow retries"""

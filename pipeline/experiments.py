@@ -160,9 +160,3 @@ def queue(experiments: list[Experiment], cwd: Path | None = None) -> list[str]:
     for experiment in experiments:
         dvc(["exp", "run", "--queue", "--name", experiment.name, *experiment.set_args()], cwd)
     return [e.name for e in experiments]
-
-
-def queued_names(cwd: Path | None = None) -> list[str]:
-    """Names of the experiments waiting in DVC's queue (`dvc queue status`)."""
-    lines = dvc(["queue", "status"], cwd).splitlines()
-    return [parts[1] for parts in (line.split() for line in lines[1:]) if len(parts) >= 4 and parts[-1] == "Queued"]

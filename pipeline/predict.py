@@ -49,11 +49,6 @@ def parse_classes(text: str | Sequence[str]) -> list[str]:
     return names
 
 
-def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given, and every image file inside given folders (sorted)."""
-    return [path for path, _ in _images_with_stems(inputs)]
-
-
 def _images_with_stems(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     """(image, output stem relative to the output folder) for every image of `inputs`, in order."""
     found = []

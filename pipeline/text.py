@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -27,6 +28,7 @@ from open_clip.model import CLIP
 from pipeline.config import TextConfig
 from pipeline.data.catalog import template_set
 from pipeline.data.prepared import ClassInfo
+from pipeline.model.clip import make_tokenizer
 from pipeline.model.text_encoder import average_class_embeddings
 
 TEXT_SCHEMA = pa.schema(
@@ -65,6 +67,15 @@ def resolve_templates(cfg: TextConfig, classes: ClassInfo) -> Templates:
     if cfg.templates == "custom":
         return Templates("custom", tuple(cfg.custom_templates))
     return Templates(cfg.templates, template_set(cfg.templates))
+
+
+def backbone_tokenizer(arch: dict, meta: dict) -> Tokenizer:
+    """The tokenizer of a backbone (its arch config and clip.json): open_clip's own for source open_clip
+    (`open_clip.get_tokenizer` of clip.model), else CLIP's BPE with the text tower's context length."""
+    context_length = arch["text_cfg"].get("context_length", 77)
+    if meta.get("source") == "open_clip":
+        return open_clip.get_tokenizer(meta["open_clip_model"], context_length=context_length)
+    return make_tokenizer(arch)
 
 
 @torch.no_grad()
@@ -125,35 +136,6 @@ def write_text_embeddings(folder: Path, classes: ClassInfo, result: ClassEmbeddi
     (folder / TEMPLATES_JSON).write_text(json.dumps({"name": templates.name, "templates": list(templates.templates)}, indent=2))
     if per_template:
         np.save(folder / PER_TEMPLATE_NPY, result.prompts.numpy().astype(np.float32))
-
-
-@dataclass(frozen=True)
-class TextEmbeddings:
-    names: list[str]  # class names in class-id order
-    seen: np.ndarray  # [C] bool
-    embeddings: np.ndarray  # [C, D] float32 unit norm
-    templates: Templates
-
-
-def read_text_embeddings(folder: str | Path) -> TextEmbeddings:
-    """The class embeddings written by `write_text_embeddings` (checked against TEXT_SCHEMA)."""
-    folder = Path(folder)
-    path = folder / EMBEDDINGS_PARQUET
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: text embeddings not found; run `dvc repro embed_text` first")
-    table = pq.read_table(path)
-    if not table.schema.equals(TEXT_SCHEMA):
-        raise ValueError(f"{path}: schema differs from the expected one:\n{table.schema}\nexpected:\n{TEXT_SCHEMA}")
-    ids = table.column("class_id").to_pylist()
-    if ids != list(range(len(ids))):
-        raise ValueError(f"{path}: class ids must be 0..C-1 in order, got {ids}")
-    templates = json.loads((folder / TEMPLATES_JSON).read_text())
-    return TextEmbeddings(
-        names=table.column("class_name").to_pylist(),
-        seen=np.asarray(table.column("seen").to_pylist(), dtype=bool),
-        embeddings=np.load(folder / EMBEDDINGS_NPY),
-        templates=Templates(templates["name"], tuple(templates["templates"])),
-    )
 
 
 # --------------------------------------------------------------------------------------------

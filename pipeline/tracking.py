@@ -26,6 +26,7 @@ from pipeline.io import sha256_file
 GROUP_ENV = "CASCADE_CLIP_GROUP"  # set by `make repro` / the pipeline flow to group one execution's runs
 PRESET_ENV = "CASCADE_CLIP_PRESET"  # set by the pipeline flow: the preset an execution runs
 FLOW_RUN_ENV = "CASCADE_CLIP_FLOW_RUN"  # set by the pipeline flow: its Prefect flow run id
+STORE_ENV = "CASCADE_CLIP_STORE"  # set by the pipeline flow in its clone: the project whose store the runs go to
 TAG_STAGE = "cascade.stage"
 TAG_COMMIT = "cascade.git_commit"
 TAG_PARAMS_HASH = "cascade.params_hash"
@@ -60,8 +61,11 @@ def project_root(start: Path | None = None) -> Path:
 
 
 def store_root(root: Path | None = None) -> Path:
-    """The repository whose tracking store runs go to: `root` (default: the project root), or, when
+    """The repository whose tracking store runs go to: $CASCADE_CLIP_STORE when set (a flow run's clone
+    records into the project it was cloned from), else `root` (default: the project root), or, when
     `root` is a DVC experiment's temporary copy, the repository the experiment was queued from."""
+    if os.environ.get(STORE_ENV):
+        return Path(os.environ[STORE_ENV]).resolve()
     root = (root or project_root()).resolve()
     origin = os.environ.get("DVC_ROOT")
     if origin:

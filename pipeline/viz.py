@@ -1,16 +1,14 @@
 """Pictures people would rather look at than read: label overlays, per-class IoU bars,
-confusion matrices, similarity heatmaps. matplotlib (Agg), returns Figures; no file I/O."""
+confusion matrices, similarity heatmaps. matplotlib, returns Figures; no file I/O. The backend is
+the caller's (importing this module chooses none): the stages and `cascade-clip predict` choose Agg."""
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from pipeline.config import IGNORE_INDEX  # noqa: E402
+from pipeline.config import IGNORE_INDEX
 
 
 def colorize(label: np.ndarray, palette: list[list[int]]) -> np.ndarray:

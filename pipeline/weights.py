@@ -7,7 +7,8 @@
 
 Sources (params clip.source): `openai` fetches OpenAI's checkpoint for clip.arch into
 clip.cache_dir (sha256 checked; clip.url / clip.sha256 override OpenAI's URL and checksum; an
-interrupted download resumes from its `.part` file), `file` reads a local open_clip state dict.
+interrupted download resumes from its `.part` file: pipeline.data.download does the fetching and
+hashing), `file` reads a local open_clip state dict.
 TorchScript archives (OpenAI's JIT .pt) and full pickles can run code when loaded: they are read
 only with clip.allow_pickle, or when their sha256 is that of OpenAI's own file for clip.arch.
 Every architecture read from a file is checked by `pipeline.model.clip.check_arch` before anything
@@ -19,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
-import urllib.error
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,8 +33,15 @@ from open_clip.model import CLIP
 from safetensors.torch import load_file
 
 from pipeline.config import ClipConfig
-from pipeline.data.download import ChecksumError, DownloadError, RetryPolicy, TransientDownloadError
-from pipeline.data.download import download as download_file
+from pipeline.data.download import (
+    ChecksumError,
+    DownloadError,
+    RetryPolicy,
+    TransientDownloadError,
+    download,
+    verify_file,
+)
+from pipeline.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from pipeline.errors import CascadeError
 from pipeline.io import sha256_file, write_safetensors
 from pipeline.model.backbone_ref import BACKBONE_FILE, BackboneRef
@@ -54,10 +60,10 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = BACKBONE_FILE  # the weights file of a backbone folder
 META_FILE = "clip.json"
 FORMAT_VERSION = 1
-CLIP_MEAN = tuple(open_clip.constants.OPENAI_DATASET_MEAN)  # pixel statistics every source here uses (0..1 scale)
-CLIP_STD = tuple(open_clip.constants.OPENAI_DATASET_STD)
+CLIP_MEAN, CLIP_STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # pixel statistics every source here uses (0..1 scale)
 OPENAI_TAG = "openai"
-DOWNLOAD_TIMEOUT_S = 60
+# one try per call, no retries here: the backbone stage's task retries (each resuming the `.part` file)
+DOWNLOAD_POLICY = RetryPolicy(retries=0, timeout=60)
 
 
 class WeightsError(CascadeError, ValueError):
@@ -78,12 +84,13 @@ class Backbone(NamedTuple):
     meta: dict  # clip.json
 
 
-def verify_sha256(path: Path, expected: str, *, what: str, fix: str) -> str:
-    """The file's sha256; `WeightsError` naming both hashes and the fix when it differs from `expected`."""
-    actual = sha256_file(path)
-    if actual != expected.lower():
-        raise WeightsError(f"{path}: sha256 is {actual} but {what} expects {expected.lower()}; {fix}")
-    return actual
+def verify_sha256(path: Path, expected: str, *, fix: str) -> str:
+    """The file's sha256 (pipeline.data.download.verify_file); `WeightsError` naming both hashes and `fix`
+    when it differs from `expected`."""
+    try:
+        return verify_file(path, None, {"sha256": expected.lower()}, fix=fix)["sha256"]
+    except ChecksumError as exc:
+        raise WeightsError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,21 +159,25 @@ def fetch_openai_weights(clip: ClipConfig, *, progress: bool = True) -> Path:
     spec = openai_download(clip)
     if spec.path.is_file():
         if spec.sha256:
-            verify_sha256(spec.path, spec.sha256, what=f"the OpenAI checkpoint of {clip.arch}",
-                          fix="the file is damaged or a different checkpoint: delete it to download it again, "
-                              "or set clip.sha256 if you mean to use this file")
+            verify_sha256(spec.path, spec.sha256,
+                          fix=f"The file is damaged or not the OpenAI checkpoint of {clip.arch}: delete it to download "
+                              "it again, or set clip.sha256 if you mean to use this file")
         log.info("using cached CLIP weights %s", spec.path)
         return spec.path
     if not clip.download:
         raise WeightsUnavailable(_absent_message(clip, spec, "clip.download is false"))
-    try:
-        download(spec.url, spec.path, spec.sha256, progress=progress)
-    except DownloadError as exc:
-        raise WeightsUnavailable(_absent_message(clip, spec, f"download failed: {_first_sentence(exc)}"),
+    checksums = {"sha256": spec.sha256.lower()} if spec.sha256 else {}
+    try:  # a file that fails its checksum is deleted, so the next call downloads afresh
+        download(spec.url, spec.path, checksums=checksums, policy=DOWNLOAD_POLICY, progress=progress,
+                 keep_corrupt=False)
+    except ChecksumError as exc:
+        raise WeightsError(f"{spec.url}: the downloaded file does not match: {exc.failure}; nothing was kept. "
+                           "Check clip.url / clip.sha256") from None
+    except DownloadError as exc:  # what failed; the advice is the cache's (`_absent_message`), not a dataset's
+        raise WeightsUnavailable(_absent_message(clip, spec, f"download failed: {exc.failure}"),
                                  transient=isinstance(exc, TransientDownloadError)) from exc
-    except OSError as exc:
-        raise WeightsUnavailable(_absent_message(clip, spec, f"download failed: {_reason(exc)}"),
-                                 transient=_is_transient(exc)) from exc
+    except OSError as exc:  # a local error (the cache folder cannot be written); network errors are DownloadErrors
+        raise WeightsUnavailable(_absent_message(clip, spec, f"download failed: {type(exc).__name__}: {exc}")) from exc
     return spec.path
 
 
@@ -183,46 +194,6 @@ def _absent_message(clip: ClipConfig, spec: Download, reason: str) -> str:
     )
 
 
-def download(url: str, target: Path, sha256: str | None, *, progress: bool = True) -> None:
-    """Fetch `url` into `target` with pipeline.data.download, checking `sha256` before the file lands.
-
-    Bytes go to `<target>.part`, which the next call resumes with an HTTP Range request; there are no
-    retries here, the backbone stage's task retries (each resuming). On a checksum mismatch nothing
-    is kept, so the next call downloads afresh.
-    """
-    policy = RetryPolicy(retries=0, timeout=DOWNLOAD_TIMEOUT_S)
-    try:
-        download_file(url, target, checksums={"sha256": sha256.lower()} if sha256 else {}, policy=policy,
-                      progress=progress)
-    except ChecksumError:
-        corrupt = target.with_name(target.name + ".corrupt")  # where pipeline.data.download moves a bad file
-        actual = sha256_file(corrupt) if corrupt.is_file() else "unknown"
-        corrupt.unlink(missing_ok=True)
-        raise WeightsError(f"{url}: downloaded file has sha256 {actual}, expected {sha256.lower()}; nothing was kept. "
-                           "Check clip.url / clip.sha256") from None
-
-
-def _first_sentence(exc: BaseException) -> str:
-    """A download error's first sentence: what failed. The rest is pipeline.data.download's advice for
-    datasets (dataset.source_dir), which `_absent_message` replaces with the CLIP cache's."""
-    return str(exc).split(". ", 1)[0]
-
-
-def _reason(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None)
-    return f"{type(exc).__name__}: {reason if reason is not None else exc}"
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Worth retrying: server errors, rate limits, time-outs and dropped connections (not: no network, 404)."""
-    if isinstance(exc, urllib.error.HTTPError):
-        return exc.code >= 500 or exc.code == 429
-    reason = getattr(exc, "reason", exc)
-    if isinstance(reason, socket.gaierror):
-        return False  # no name resolution: offline, retrying does not help
-    return isinstance(reason, (TimeoutError, socket.timeout, ConnectionResetError, ConnectionAbortedError))
-
-
 # --------------------------------------------------------------------------------------------
 # sources openai and file: checkpoint -> model, strictly
 # --------------------------------------------------------------------------------------------
@@ -234,7 +205,11 @@ class Pretrained:
 
 
 def checkpoint_path(clip: ClipConfig, *, progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """The local checkpoint of source openai or file, checksum-verified, and its description."""
+    """The local checkpoint of source openai, file or open_clip, checksum-verified, and its description."""
+    if clip.source == "open_clip":
+        from pipeline.openclip_weights import openclip_checkpoint  # imported late: it imports this module
+
+        return openclip_checkpoint(clip)
     if clip.source == "openai":
         path = fetch_openai_weights(clip, progress=progress)
         spec = openai_download(clip)
@@ -245,7 +220,7 @@ def checkpoint_path(clip: ClipConfig, *, progress: bool = True) -> tuple[Path, d
             raise WeightsError(f"clip.file: {path} not found; give the path of an open_clip checkpoint "
                                "(.safetensors or .pt; an OpenAI JIT .pt needs clip.allow_pickle: true)")
         if clip.sha256:
-            digest = verify_sha256(path, clip.sha256, what="clip.sha256", fix="check clip.file and clip.sha256")
+            digest = verify_sha256(path, clip.sha256, fix="Check clip.file and clip.sha256")
         else:
             digest = sha256_file(path)
         return path, {"source_file": str(path), "source_sha256": digest}
@@ -256,8 +231,12 @@ def load_pretrained(clip: ClipConfig, *, progress: bool = True) -> Pretrained:
     """Source openai or file: fetch/verify the checkpoint, read it, load it strictly into clip.arch.
 
     A TorchScript archive or full pickle is read only with clip.allow_pickle, or when it is OpenAI's own
-    checkpoint of clip.arch (its sha256 is the one in OpenAI's URL).
+    checkpoint of clip.arch (its sha256 is the one in OpenAI's URL). Source open_clip: pipeline.openclip_weights.
     """
+    if clip.source == "open_clip":
+        from pipeline.openclip_weights import load_openclip  # imported late: it imports this module
+
+        return load_openclip(clip, progress=progress)
     arch = resolve_arch(clip)
     path, details = checkpoint_path(clip, progress=progress)
     official = clip.source == "openai" and details["source_sha256"] == openai_sha256(clip.arch)
@@ -338,8 +317,9 @@ def load_backbone(folder: str | Path) -> Backbone:
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise WeightsError(f"{weights}: backbone weights not found; run `dvc repro backbone` first")
-    verify_sha256(weights, meta["sha256"], what=str(folder / META_FILE),
-                  fix="the weights were changed or damaged after they were written; re-run `dvc repro backbone`")
+    verify_sha256(weights, meta["sha256"],
+                  fix=f"The weights were changed or damaged after {META_FILE} recorded their sha256; re-run "
+                      "`dvc repro backbone`")
     state = load_file(str(weights), device="cpu")
     with torch.device("meta"):
         expected = {k: v.shape for k, v in create_clip(arch).state_dict().items()}
@@ -363,4 +343,3 @@ def backbone_reference(folder: str | Path, *, recorded_as: str | Path) -> Backbo
     meta = read_backbone_meta(folder)
     return BackboneRef.of_file(Path(folder) / WEIGHTS_FILE, recorded_as=Path(recorded_as) / WEIGHTS_FILE,
                                source=f"{meta.get('source', '?')} {meta.get('arch_name') or ''}".strip())
-

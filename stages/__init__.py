@@ -1,7 +1,13 @@
-"""DVC stage entry points: one thin module per stage (`python -m stages.<name>`)."""
+"""DVC stage entry points: one thin module per stage (`python -m stages.<name>`).
 
-# before any stage module imports torch: pipeline/__init__.py chooses how OpenMP threads wait
-import pipeline  # noqa: F401
+This package, run before any stage module's imports, sets up the stage process: how OpenMP
+threads wait (before torch loads) and a clear error when this Python lacks the project's packages.
+The library (`pipeline`) leaves the process alone on import.
+"""
+
+from pipeline import choose_openmp_wait
+
+choose_openmp_wait()
 
 
 def _require_environment() -> None:

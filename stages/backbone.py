@@ -1,7 +1,8 @@
 """Stage backbone: the CLIP weights in the local format of pipeline.weights (artifacts/backbone).
 
 source toy pretrains the toy CLIP on the demo world and reports whether it learned (zero-shot
-accuracy on held-out images, compositional text embeddings); openai and file load a checkpoint.
+accuracy on held-out images, compositional text embeddings); openai and file load a checkpoint,
+open_clip any open_clip ViT (clip.model) with clip.pretrained's weights (pipeline.openclip_weights).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import time
 from pipeline.config import ClipConfig
 from pipeline.engine.pretrain import CURVE_FIELDS, pretrain_toy_clip
 from pipeline.io import atomic_dir, atomic_file, write_json
-from pipeline.weights import WeightsUnavailable, load_pretrained, save_backbone
-from stages.common import StageContext, run_stage
+from pipeline.openclip_weights import rooted_paths
+from pipeline.weights import load_pretrained, save_backbone
+from stages.common import StageContext, retry_if_transient, run_stage
 
 NAME = "backbone"
 SECTIONS = ("seed", "clip", "dataset.demo.rotation")  # the demo world the toy CLIP pretrains on
@@ -54,6 +56,8 @@ def rooted(clip: ClipConfig, ctx: StageContext) -> ClipConfig:
         update["file"] = ctx.path(clip.file)
     if clip.arch.endswith(".json"):
         update["arch"] = str(ctx.path(clip.arch))
+    if clip.source == "open_clip":
+        update |= rooted_paths(clip, ctx.path)
     return clip.model_copy(update=update)
 
 
@@ -62,17 +66,8 @@ def fetch_and_load(clip: ClipConfig):
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
-    def transient(task_, task_run, state) -> bool:
-        try:
-            state.result()
-        except WeightsUnavailable as exc:
-            return exc.transient
-        except Exception:
-            return False
-        return False
-
     load = task(load_pretrained, name="load CLIP weights", retries=len(RETRY_DELAYS_S),
-                retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=transient, cache_policy=NO_CACHE)
+                retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
     return load(clip)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import yaml
 
 from pipeline.config import DEFAULT_PARAMS, Params, load_params, params_hash
@@ -135,8 +136,10 @@ StageMain = Callable[[StageContext], None]
 # Tracking per stage, kept here rather than in the stage modules: those are DVC deps of their
 # stages, and an edit there would re-run the (long) stages for every user.
 SYSTEM_METRICS = frozenset({"backbone", "train", "self_train"})  # long stages: CPU/GPU/memory samples in their runs
+# the inductive model and the one at half its schedule, by the name params pseudo.checkpoint and self_train.init use
+TRAINED_MODELS = {"half": "artifacts/train/model_half.safetensors", "final": "artifacts/train/model.safetensors"}
 MODEL_FILES = {  # the model file a stage writes, logged as an artifact of its run with its sha256
-    "train": "artifacts/train/model.safetensors",
+    "train": TRAINED_MODELS["final"],
     "self_train": "artifacts/self_train/model.safetensors",
 }
 
@@ -169,6 +172,17 @@ def content_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect's retry condition for tasks: retry only an error that may pass (its `transient` attribute,
+    pipeline.errors.CascadeError), never a bug, bad input or a checksum mismatch."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - the condition only looks at it
+        return bool(getattr(exc, "transient", False))
+    return False
+
+
+EXIT_TRANSIENT = 75  # exit code of a stage whose error may pass when run again (EX_TEMPFAIL): the pipeline flow retries it
 LOCKS = ".cascade-clip/locks"  # one lock file per stage, under the project root
 
 
@@ -233,7 +247,9 @@ def run_stage(
     *,
     log_all_params: bool = False,
 ) -> int:
-    """Validate params, then run `main` as the Prefect flow `name` inside an MLflow run. Returns an exit code.
+    """Validate params, then run `main` as the Prefect flow `name` inside an MLflow run. Returns an exit code:
+    0, 2 (invalid params), EXIT_TRANSIENT (an error that may pass, e.g. a download that kept failing on
+    network errors) or 1 (any other error the user can fix).
 
     `sections` are the params the stage reads (hashed and logged); `log_all_params` logs every
     section instead (the evaluation run, so runs compare in the MLflow UI). Under torchrun, ranks
@@ -241,6 +257,7 @@ def run_stage(
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    matplotlib.use("Agg")  # figures are drawn for files and MLflow, never for a screen
     args = parse_args(name, argv)
     root = project_root()
     try:
@@ -256,7 +273,7 @@ def run_stage(
                 stage_flow(name, main, sections, root, log_all_params)(params.model_dump(mode="json"))
     except CascadeError as exc:
         print(f"error [{name}]: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_TRANSIENT if getattr(exc, "transient", False) else 1
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise

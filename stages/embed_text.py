@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pipeline.data.prepared import ClassInfo
 from pipeline.io import atomic_dir, write_json
-from pipeline.model.clip import make_tokenizer
 from pipeline.text import (
+    backbone_tokenizer,
     class_embeddings,
     embedding_summary,
     resolve_templates,
@@ -36,7 +36,7 @@ def main(ctx: StageContext) -> None:
     classes = ClassInfo.read(ctx.path(CLASSES))
     backbone = load_backbone(ctx.path(BACKBONE))
     templates = resolve_templates(cfg, classes)
-    result = class_embeddings(build_clip(backbone), make_tokenizer(backbone.arch), classes.names,
+    result = class_embeddings(build_clip(backbone), backbone_tokenizer(backbone.arch, backbone.meta), classes.names,
                               templates.templates, cfg.batch_size)
     figure = similarity_figure(similarity(result.embeddings), classes.names, classes.unseen_ids)
     with atomic_dir(ctx.path(OUT)) as tmp:

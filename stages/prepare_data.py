@@ -15,10 +15,10 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import DatasetConfig
 from pipeline.data.catalog import get_dataset
-from pipeline.data.download import TransientDownloadError, locate_sources
+from pipeline.data.download import locate_sources
 from pipeline.data.prepared import prepare_dataset
 from pipeline.io import atomic_dir, write_json
-from stages.common import StageContext, run_stage
+from stages.common import StageContext, retry_if_transient, run_stage
 
 NAME = "prepare_data"
 SECTIONS = ("seed", "dataset")
@@ -28,19 +28,8 @@ FETCH_RETRIES = 2  # Prefect retries of the whole fetch after the downloader's o
 FETCH_RETRY_DELAY_S = 120
 
 
-def _network_failure(task, task_run, state) -> bool:
-    """Retry the fetch only when the network failed (not on a checksum mismatch or a missing file)."""
-    try:
-        state.result()
-    except TransientDownloadError:
-        return True
-    except BaseException:
-        return False
-    return False
-
-
 @task(name="fetch dataset sources", retries=FETCH_RETRIES, retry_delay_seconds=FETCH_RETRY_DELAY_S,
-      retry_condition_fn=_network_failure, cache_policy=NO_CACHE)
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def fetch_sources(cfg: DatasetConfig) -> dict[str, Path]:
     return locate_sources(get_dataset(cfg.name), cfg, ("train", "val"))
 

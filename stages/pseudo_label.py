@@ -13,14 +13,13 @@ from pipeline.io import atomic_dir, write_json
 from pipeline.model import load
 from pipeline.viz import close, overlay_grid
 from pipeline.weights import read_backbone_meta
-from stages.common import StageContext, run_stage
+from stages.common import TRAINED_MODELS, StageContext, run_stage
 
 NAME = "pseudo_label"
 SECTIONS = ("pseudo", "train", "evaluate")  # train: normalisation; evaluate: inference settings
 PREPARED = "data/prepared"
 BACKBONE = "artifacts/backbone"
 TEXT = "artifacts/text/embeddings.npy"
-MODELS = {"half": "artifacts/train/model_half.safetensors", "final": "artifacts/train/model.safetensors"}
 OUT = "artifacts/pseudo"
 METRICS = "artifacts/pseudo_metrics.json"
 
@@ -46,7 +45,7 @@ def main(ctx: StageContext) -> None:
     classes = ClassInfo.read(root / "classes.json")
     embeddings = load_text_embeddings(ctx.path(TEXT), classes)
     normalize = normalizer(p.train.normalization, read_backbone_meta(ctx.path(BACKBONE)))
-    model = load(ctx.path(MODELS[p.pseudo.checkpoint]), map_location="cuda" if torch.cuda.is_available() else "cpu",
+    model = load(ctx.path(TRAINED_MODELS[p.pseudo.checkpoint]), map_location="cuda" if torch.cuda.is_available() else "cpu",
                  backbone=ctx.path(BACKBONE))
     with atomic_dir(ctx.path(OUT)) as tmp:
         stats, samples = generate(model, embeddings, root, classes, tmp, cfg=p.evaluate, normalize=normalize,

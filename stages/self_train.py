@@ -9,10 +9,10 @@ from pipeline.data.prepared import ClassInfo
 from pipeline.data.transforms import label_lut
 from pipeline.engine.pseudo import online_label_fn, self_training_lut
 from pipeline.engine.setup import load_text_embeddings, model_card, normalizer, train_transform
+from pipeline.engine.stage_training import TrainingOutputs, run_training
 from pipeline.model import load
 from pipeline.weights import read_backbone_meta
-from stages.common import StageContext, run_stage
-from stages.train import run_training
+from stages.common import TRAINED_MODELS, StageContext, run_stage
 
 NAME = "self_train"
 SECTIONS = ("seed", "loss", "train", "pseudo", "self_train")
@@ -20,7 +20,6 @@ PREPARED = "data/prepared"
 BACKBONE = "artifacts/backbone"
 TEXT = "artifacts/text/embeddings.npy"
 PSEUDO = "artifacts/pseudo"
-INIT = {"half": "artifacts/train/model_half.safetensors", "final": "artifacts/train/model.safetensors"}
 OUT = "artifacts/self_train"
 CHECKPOINTS = "artifacts/checkpoints/self_train"
 METRICS = "artifacts/self_train_metrics.json"
@@ -38,7 +37,7 @@ def main(ctx: StageContext) -> None:
     p = ctx.params
     classes = ClassInfo.read(ctx.path(PREPARED) / "classes.json")
     embeddings = load_text_embeddings(ctx.path(TEXT), classes)  # all classes: transductive
-    model = load(ctx.path(INIT[p.self_train.init]), backbone=ctx.path(BACKBONE))
+    model = load(ctx.path(TRAINED_MODELS[p.self_train.init]), backbone=ctx.path(BACKBONE))
     normalize = normalizer(p.train.normalization, read_backbone_meta(ctx.path(BACKBONE)))
     transform = train_transform(p.train, normalize)
     if p.self_train.mode == "offline":
@@ -50,10 +49,13 @@ def main(ctx: StageContext) -> None:
         dataset = SegmentationDataset(ctx.path(PREPARED), "train", transform=transform, seed=p.seed,
                                       lut=self_training_lut(classes.seen_ids, classes.num_classes))
         label_fn = online_label_fn(classes.seen_ids, classes.unseen_ids, p.pseudo.threshold)
-    run_training(ctx, model, embeddings, dataset, iterations=p.self_train.iterations, warmup=p.self_train.warmup_iters,
-                 checkpoints=ctx.path(CHECKPOINTS), out=ctx.path(OUT), curve=ctx.path(CURVE), metrics=ctx.path(METRICS),
-                 card=model_card(classes, normalize, f"self_train_{p.self_train.mode}"), label_fn=label_fn,
-                 cfg=training_config(p))
+    outputs = TrainingOutputs(model_dir=ctx.path(OUT), checkpoints=ctx.path(CHECKPOINTS), curve=ctx.path(CURVE),
+                              metrics=ctx.path(METRICS))
+    run_training(model, embeddings, dataset, cfg=training_config(p), loss_cfg=p.loss, seed=p.seed,
+                 iterations=p.self_train.iterations, warmup=p.self_train.warmup_iters, outputs=outputs,
+                 card=model_card(classes, normalize, f"self_train_{p.self_train.mode}"), resume_key=ctx.resume_key(),
+                 log_metrics=ctx.log_metrics, write_config=ctx.write_config, label_fn=label_fn)
+    ctx.log_artifact(outputs.curve)
 
 
 if __name__ == "__main__":

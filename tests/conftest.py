@@ -1,15 +1,10 @@
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see pipeline/__init__.py)
-import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
+import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.project import PipelineRun, copy_project, dvc, venv_env
 
 # Prefect and MLflow must never reach out from tests; keep their state in temp folders.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -28,6 +23,16 @@ def pytest_collection_modifyitems(config, items):
         for fixture in SHARED_FIXTURES:
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(fixture))
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run ~100x slower with 2 OpenMP threads when the other core is busy; every test
+    uses one (and gets back whatever number of threads it found, even if it changed it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -55,51 +60,6 @@ def mlflow_uri(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
-
-
-def copy_project(dest: Path) -> Path:
-    """A copy of the project's tracked and untracked-but-not-ignored files, as a fresh git repo."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout.split()
-    for rel in files:
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True, env=env)
-    subprocess.run(["git", "commit", "-q", "-m", "copy"], cwd=dest, check=True, env=env)
-    return dest
-
-
-def venv_env(extra: dict | None = None) -> dict:
-    """Environment whose PATH finds this interpreter's python and dvc first."""
-    bindir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '')}", **(extra or {})}
-
-
-def dvc(args: list[str], cwd: Path, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
-    """A real `dvc` command (the project environment's), its output captured."""
-    return subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@dataclass(frozen=True)
-class PipelineRun:
-    """A finished `dvc repro` of the demo at the test size (tests/tiny.py): its repository (outputs,
-    dvc.lock and DVC cache included), the environment its stages ran in and what `dvc repro` printed."""
-
-    repo: Path
-    env: dict
-    stdout: str
-
-    def copy(self, dest: Path) -> "PipelineRun":
-        """A private copy to change: the same repository and cache, and a new, empty MLflow store."""
-        shutil.copytree(self.repo, dest / "repo", symlinks=True)
-        env = {**self.env, "MLFLOW_TRACKING_URI": f"sqlite:///{dest / 'mlflow.db'}"}
-        return PipelineRun(repo=dest / "repo", env=env, stdout=self.stdout)
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,6 @@ import scipy.io
 import scipy.sparse
 from PIL import Image
 
-from pipeline.data.convert.context import rle_encode
-
 
 def voc_palette() -> list[int]:
     """The standard PASCAL VOC colour map (bit-interleaved), 256 RGB triples flattened."""
@@ -69,6 +67,29 @@ def sbd_mat_bytes(segmentation: np.ndarray) -> bytes:
     scipy.io.savemat(buffer, {"GTcls": {"Boundaries": boundaries, "Segmentation": segmentation.astype(np.uint8),
                                         "CategoriesPresent": present}})
     return buffer.getvalue()
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """Compressed COCO RLE of a binary mask [H, W] (the inverse of
+    pipeline.data.convert.context.decode_segmentation), to write the fake annotations."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    changes = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    chars = []
+    for i, count in enumerate(counts):
+        value = count - counts[i - 2] if i > 2 else count
+        more = True
+        while more:
+            chunk = value & 0x1F
+            value >>= 5
+            more = value != -1 if chunk & 0x10 else value != 0
+            if more:
+                chunk |= 0x20
+            chars.append(chr(chunk + 48))
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": "".join(chars)}
 
 
 def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:

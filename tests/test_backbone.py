@@ -29,9 +29,7 @@ from pipeline.weights import (
 from pipeline.tracking import TAG_STAGE
 from stages import backbone as backbone_stage
 from stages.common import run_stage
-from tests.conftest import REPO
 from tests.http_server import FileServer
-from tests.test_layering import ORCHESTRATION, imported_modules, top_level
 
 TINY = dict(embed_dim=16, image_size=32, patch_size=8, width=32, layers=2, head_width=16,
             text_width=32, text_layers=1, text_heads=2, context_length=16)
@@ -313,8 +311,9 @@ def test_interrupted_weights_download_resumes_from_its_part_file(tmp_path):
 def test_download_with_the_wrong_checksum_keeps_nothing(tmp_path):
     with FileServer(b"weights") as server:
         clip = ClipConfig(source="openai", cache_dir=tmp_path / "cache", url=server.url("w.pt"), sha256="00" * 32)
-        with pytest.raises(WeightsError, match="downloaded file has sha256"):
+        with pytest.raises(WeightsError, match="downloaded file does not match") as info:
             fetch_openai_weights(clip, progress=False)
+    assert "0" * 64 in str(info.value) and hashlib.sha256(b"weights").hexdigest() in str(info.value)
     assert list((tmp_path / "cache").iterdir()) == []
 
 
@@ -325,12 +324,6 @@ def test_unreachable_url_is_a_clear_error(tmp_path):
             fetch_openai_weights(clip, progress=False)
     assert str((tmp_path / "cache" / "w.pt").resolve()) in str(info.value)
     assert not info.value.transient and "dataset.source_dir" not in str(info.value)
-
-
-def test_weights_and_text_code_never_import_orchestration():
-    for rel in ("pipeline/weights.py", "pipeline/text.py"):
-        bad = top_level(imported_modules(REPO / rel)) & ORCHESTRATION
-        assert not bad, f"{rel} imports {bad}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,16 +410,19 @@ def test_stage_openai_source_offline_fails_naming_the_file_and_writes_nothing(pr
     assert run.info.status == "FAILED"
 
 
-def test_only_passing_download_failures_are_retried():
-    import socket
-    import urllib.error
+@pytest.mark.parametrize(("plan", "transient"), [(["503"], True), (["429"], True), (["cut:100"], True),
+                                                 (["404"], False)])
+def test_only_passing_download_failures_are_retried(tmp_path, plan, transient):
+    # pipeline.data.download decides what is worth another try; the backbone stage's task retries those
+    with FileServer(b"weights" * 100, plan=plan) as server:
+        clip = ClipConfig(source="openai", cache_dir=tmp_path / "cache", url=server.url("w.pt"))
+        with pytest.raises(WeightsUnavailable, match="download failed") as info:
+            fetch_openai_weights(clip, progress=False)
+    assert info.value.transient is transient and "dataset.source_dir" not in str(info.value)
 
-    from pipeline.weights import _is_transient
 
-    assert _is_transient(urllib.error.HTTPError("u", 503, "unavailable", {}, None))
-    assert _is_transient(urllib.error.HTTPError("u", 429, "slow down", {}, None))
-    assert not _is_transient(urllib.error.HTTPError("u", 404, "not found", {}, None))
-    assert _is_transient(urllib.error.URLError(TimeoutError("timed out")))
-    assert _is_transient(ConnectionResetError())
-    assert not _is_transient(urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution")))
-    assert not _is_transient(FileNotFoundError("no such file"))
+def test_an_offline_machine_is_not_worth_retrying(tmp_path):
+    clip = ClipConfig(source="openai", cache_dir=tmp_path / "cache", url="http://no-such-host.invalid/w.pt")
+    with pytest.raises(WeightsUnavailable, match="is unknown") as info:
+        fetch_openai_weights(clip, progress=False)
+    assert not info.value.transient and "curl" in str(info.value)

@@ -25,8 +25,8 @@ from pipeline.io import TMP_MARK, atomic_dir, write_json
 from pipeline.model import StateDictError, load, load_trainable, save, save_trainable
 from pipeline.predict import parse_classes
 from stages.common import run_stage
-from tests.conftest import REPO
-from tests.test_model_common import single_thread, tiny_model  # noqa: F401
+from tests.project import REPO
+from tests.tiny import tiny_model
 
 DEMO = DemoConfig(n_train=4, n_val=1, image_size=32, workers=1)
 PREPARE_FIX = "dvc repro prepare_data"
@@ -186,7 +186,7 @@ def test_label_value_out_of_range_at_evaluation_or_pseudo_labelling_names_the_fi
     from pipeline.config import EvaluateConfig
     from pipeline.engine.evaluate import evaluate
     from pipeline.engine.pseudo import generate
-    from tests.test_model_common import class_embeddings
+    from tests.tiny import class_embeddings
     from tests.train_fixtures import make_data
 
     root = tmp_path / "data"

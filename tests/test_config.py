@@ -12,7 +12,7 @@ from pipeline.config import (
     render_params_yaml,
     validate_params,
 )
-from tests.conftest import REPO
+from tests.project import REPO
 
 
 def test_repo_params_yaml_is_valid_and_covers_every_section():

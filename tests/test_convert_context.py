@@ -9,9 +9,9 @@ from PIL import Image
 from pipeline.config import DatasetConfig
 from pipeline.data.catalog import get_dataset
 from pipeline.data.convert.common import BadFilesError
-from pipeline.data.convert.context import decode_segmentation, label_map, rle_counts, rle_encode
+from pipeline.data.convert.context import decode_segmentation, label_map, rle_counts
 from pipeline.data.prepared import ClassInfo, prepare_dataset, read_manifest
-from tests.fake_datasets import CONTEXT_CATEGORIES, make_context
+from tests.fake_datasets import CONTEXT_CATEGORIES, make_context, rle_encode
 
 # Masks and their compressed RLE as written by the COCO API (pycocotools.mask.encode)
 SMALL = np.array([[0, 1, 1, 0, 0], [0, 1, 1, 0, 0], [1, 1, 1, 1, 0], [0, 0, 0, 1, 1]], dtype=bool)

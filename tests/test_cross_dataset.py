@@ -7,9 +7,9 @@ from pipeline.engine.evaluate import evaluate
 from pipeline.engine.setup import normalizer
 from stages.common import StageContext
 from stages.evaluate import cross_dataset, cross_embeddings
-from tests.conftest import REPO
 from tests.fake_datasets import make_voc
-from tests.test_model_common import tiny_model
+from tests.project import REPO
+from tests.tiny import tiny_model
 
 
 def test_voc_val_is_prepared_once_and_scored_with_all_its_classes(tmp_path):

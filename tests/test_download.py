@@ -19,6 +19,7 @@ from pipeline.data.download import (
     TransientDownloadError,
     download,
     locate_sources,
+    verify_file,
 )
 from tests.http_server import FileServer
 
@@ -76,6 +77,35 @@ def test_checksum_mismatch_names_the_file_both_values_and_the_fix(tmp_path):
     assert str(tmp_path / "f.bin") in message and f"expected {wrong}" in message and f"found {MD5}" in message
     assert "downloads it again" in message and "dataset.source_dir" in message
     assert (tmp_path / "f.bin.corrupt").read_bytes() == PAYLOAD and not (tmp_path / "f.bin").exists()
+
+
+def test_a_caller_can_have_a_bad_download_deleted_and_give_its_own_advice(tmp_path):
+    wrong = "0" * 32
+    with FileServer(PAYLOAD) as server:
+        with pytest.raises(ChecksumError) as info:
+            download(server.url(), tmp_path / "f.bin", checksums={"md5": wrong}, policy=quick(0), progress=False,
+                     keep_corrupt=False)
+    assert list(tmp_path.iterdir()) == []  # nothing kept: the next call downloads afresh
+    assert info.value.failure == f"{tmp_path / 'f.bin'}: md5 mismatch: expected {wrong}, found {MD5}"
+    assert "it was deleted" in info.value.advice and str(info.value).startswith(info.value.failure + ". ")
+
+
+def test_errors_separate_what_failed_from_the_advice(tmp_path):
+    with FileServer(PAYLOAD, plan=["404", "503"]) as server:
+        with pytest.raises(DownloadError) as gone:
+            download(server.url(), tmp_path / "f.bin", policy=quick(0), progress=False)
+        with pytest.raises(TransientDownloadError) as busy:
+            download(server.url(), tmp_path / "f.bin", policy=quick(0), progress=False)
+    assert gone.value.failure == f"{server.url()}: HTTP 404 Not Found"
+    assert busy.value.failure.endswith("the next run resumes from there") and "HTTP 503" in busy.value.failure
+    for error in (gone.value, busy.value):
+        assert "dataset.source_dir" in error.advice and "dataset.source_dir" not in error.failure
+        assert str(error) == f"{error.failure}. {error.advice}"
+
+
+def test_verify_file_returns_the_digests_it_checked(tmp_path):
+    (tmp_path / "f.bin").write_bytes(PAYLOAD)
+    assert verify_file(tmp_path / "f.bin", len(PAYLOAD), {"md5": MD5}, fix="") == {"md5": MD5}
 
 
 def test_size_mismatch_is_an_error(tmp_path):

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.io import sha256_file
 from pipeline.tracking import TAG_MODEL_SHA256, TAG_PARENT_RUN, TAG_ROLE, TAG_SCORED_MODEL, TAG_STAGE
-from tests.conftest import dvc
+from tests.project import dvc
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pipeline.data.prepared import read_manifest
 from pipeline.engine.evaluate import evaluate, predict_batch, predict_image
 from pipeline.engine.pseudo import generate
 from pipeline.engine.setup import normalizer
-from tests.test_model_common import class_embeddings, tiny_model
+from tests.tiny import class_embeddings, tiny_model
 from tests.train_fixtures import make_data
 
 

@@ -14,7 +14,7 @@ from pipeline.data.catalog import get_dataset
 from pipeline.data.prepared import ClassInfo
 from pipeline.engine.evaluate import EvalResult
 from stages.common import StageContext
-from tests.conftest import REPO
+from tests.project import REPO
 
 
 @pytest.mark.parametrize("mode,split", [("online", "release"), ("offline", "paper")])
@@ -26,7 +26,7 @@ def test_evaluation_records_the_self_training_protocol_and_the_unseen_split(tmp_
     cards = {evaluate_stage.INDUCTIVE: {"setting": "inductive"},
              evaluate_stage.SELF_TRAINED: {"setting": f"self_train_{mode}"}}
     monkeypatch.setattr(evaluate_stage, "model_extra", lambda path: cards[str(path.relative_to(tmp_path))])
-    monkeypatch.setattr(evaluate_stage, "load", lambda path, map_location=None: object())
+    monkeypatch.setattr(evaluate_stage, "load", lambda path, map_location=None, backbone=None: object())
     monkeypatch.setattr(evaluate_stage, "read_backbone_meta", lambda path: {})
     monkeypatch.setattr(evaluate_stage, "load_text_embeddings", lambda path, classes: torch.eye(classes.num_classes, 8))
     scores = {"mIoU": 50.0, "mIoU_seen": 60.0, "mIoU_unseen": 40.0, "hIoU": 48.0, "pixel_accuracy": 70.0}

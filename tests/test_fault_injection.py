@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.io import PAUSE_BEFORE_RENAME_ENV
-from tests.conftest import dvc
+from tests.project import dvc
 
 pytestmark = pytest.mark.slow
 

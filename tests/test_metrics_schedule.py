@@ -8,7 +8,7 @@ from pipeline.config import TrainConfig
 from pipeline.engine.metrics import confusion_matrix, harmonic_mean, iou_per_class, summarize
 from pipeline.engine.schedule import poly_lr
 from pipeline.engine.train import Schedule, set_lr
-from tests.test_model_common import tiny_model
+from tests.tiny import tiny_model
 
 
 def test_confusion_matrix_against_hand_count():

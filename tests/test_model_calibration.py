@@ -1,7 +1,7 @@
 import torch
 
 from pipeline.model import SegOutput, calibrated_scores
-from tests.test_model_common import class_embeddings, images, single_thread, tiny_model  # noqa: F401
+from tests.tiny import class_embeddings, images, tiny_model
 
 
 def test_calibration_subtracts_from_seen_classes_only():

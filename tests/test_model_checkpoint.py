@@ -6,7 +6,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.model import StateDictError, load, load_trainable, save, save_trainable
-from tests.test_model_common import class_embeddings, images, single_thread, tiny_model  # noqa: F401
+from tests.tiny import class_embeddings, images, tiny_model
 
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):

@@ -1,7 +1,6 @@
 import json
 
 from pipeline.cli import main
-from tests.test_model_common import single_thread  # noqa: F401
 
 
 def test_model_info_command_prints_json(capsys):

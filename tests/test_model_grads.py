@@ -2,7 +2,7 @@ import torch
 
 from pipeline.config import LossConfig
 from pipeline.model import segmentation_loss
-from tests.test_model_common import class_embeddings, images, single_thread, tiny_model  # noqa: F401
+from tests.tiny import class_embeddings, images, tiny_model
 
 
 def _backward(model):

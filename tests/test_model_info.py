@@ -1,7 +1,6 @@
 import pytest
 
 from pipeline.model.tools import bench_inference, bench_train_step, model_info
-from tests.test_model_common import single_thread  # noqa: F401
 
 
 def test_paper_size_coco_model_info():
@@ -53,3 +52,13 @@ def test_bench_times_keep_four_significant_figures_for_fast_steps():
     # a 32.48 ms step once printed as 0.032 s, 1.5% off the 61.57 images/s printed beside it
     assert _significant(0.0324801) == 0.03248
     assert _significant(16.2371) == 16.24
+
+
+def test_model_info_counts_the_bytes_of_a_model_file_that_refers_to_its_backbone():
+    from pipeline.model.tools import model_info
+
+    info = model_info("voc12")
+    assert info["model_file_bytes_self_contained"] == 4 * info["params_total"]  # float32, every tensor
+    # the trainable tensors, the random frozen taps and the resized position embedding; not the CLIP's own
+    assert 4 * info["params_trainable"] < info["model_file_bytes"] < 0.2 * info["model_file_bytes_self_contained"]
+    assert info["model_file_bytes"] + info["backbone_file_bytes"] > info["model_file_bytes_self_contained"]

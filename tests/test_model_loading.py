@@ -4,7 +4,7 @@ from safetensors.torch import save_file
 
 from pipeline.config import ClipConfig
 from pipeline.model import StateDictError, arch_config, build_model, create_clip, load_clip_state, read_clip_checkpoint
-from tests.test_model_common import single_thread, tiny_arch, tiny_cfg  # noqa: F401
+from tests.tiny import tiny_arch, tiny_cfg
 
 
 def _reference_clip(seed=3):
@@ -78,7 +78,12 @@ def test_strict_clip_loading_lists_every_wrong_key_and_shape():
 def test_allow_missing_is_explicit():
     state = dict(_reference_clip().state_dict())
     del state["logit_scale"]
-    load_clip_state(create_clip(tiny_arch()), state, allow_missing=["logit_scale"])
+    with pytest.raises(StateDictError, match=r"missing \(1\):\s+logit_scale"):
+        load_clip_state(create_clip(tiny_arch()), state)  # a key the file lacks is an error...
+    fresh = create_clip(tiny_arch())
+    own_scale = fresh.logit_scale.detach().clone()
+    load_clip_state(fresh, state, allow_missing=["logit_scale"])  # ...unless named: the rest loads, it stays
+    assert _same_weights(fresh, state) and torch.equal(fresh.logit_scale.detach(), own_scale)
 
 
 def test_build_model_with_clip_weights_uses_them():
@@ -98,7 +103,7 @@ def test_declared_torch_floor_is_the_first_with_a_safe_weights_only_load():
 
     from packaging.requirements import Requirement
 
-    from tests.conftest import REPO
+    from tests.project import REPO
 
     requirements = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     [torch_req] = [Requirement(r) for r in requirements if Requirement(r).name == "torch"]

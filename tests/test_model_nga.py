@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pipeline.model.aggregation import SingleBlock, WeightedSum, build_aggregator, nga_initial_weights
-from tests.test_model_common import single_thread, tiny_model  # noqa: F401
+from tests.tiny import tiny_model
 
 
 @pytest.mark.parametrize(

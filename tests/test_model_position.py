@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from pipeline.model.build import build_model
 from pipeline.model.clip import create_clip
 from pipeline.model.image_encoder import resize_position_embedding
-from tests.test_model_common import class_embeddings, images, single_thread, tiny_arch, tiny_cfg, tiny_model  # noqa: F401
+from tests.tiny import class_embeddings, images, tiny_arch, tiny_cfg, tiny_model
 
 
 def test_position_embedding_is_resized_to_the_configured_grid_at_build():
@@ -41,6 +41,19 @@ def test_resize_keeps_the_class_position_and_is_identity_on_the_same_grid():
     # a constant patch embedding stays constant under bilinear resizing
     const = torch.cat([pos[:1], torch.ones(16, 8)])
     assert torch.allclose(resize_position_embedding(const, (4, 4), (7, 3))[1:], torch.ones(21, 8))
+
+
+@pytest.mark.parametrize("src,dst", [((8, 8), (12, 12)), ((8, 8), (6, 6)), ((14, 14), (32, 32)), ((14, 14), (32, 45)),
+                                     ((16, 16), (36, 36)), ((2, 8), (4, 4))])
+def test_resize_equals_plain_bilinear_interpolation_bit_for_bit(src, dst):
+    # the timm resampler must give exactly what F.interpolate(bilinear, align_corners=False) gives, so that
+    # switching to it changed no metric: the demo grid (8x8 -> 12x12) and ViT-B/16, L/14 grids at 512 px; and a
+    # grid of the same token count, which timm before 1.0.29 returned unresized
+    pos = 0.02 * torch.randn(1 + src[0] * src[1], 64, generator=torch.Generator().manual_seed(0))
+    patches = pos[1:].reshape(1, *src, 64).permute(0, 3, 1, 2)
+    expected = F.interpolate(patches, size=dst, mode="bilinear", align_corners=False)
+    expected = torch.cat([pos[:1], expected.reshape(64, -1).transpose(0, 1)])
+    assert torch.equal(resize_position_embedding(pos, src, dst), expected)
 
 
 def test_release_double_cls_changes_only_the_cls_path():

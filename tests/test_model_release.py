@@ -7,7 +7,7 @@ import torch
 
 from pipeline.model import StateDictError, load
 from pipeline.model.release import convert_release_state, import_release_checkpoint, release_model_config
-from tests.test_model_common import single_thread, tiny_arch, tiny_cfg  # noqa: F401
+from tests.tiny import tiny_arch, tiny_cfg
 
 KEYS_FILE = Path(__file__).parent / "data" / "release_checkpoint_keys.txt"  # written from a release checkpoint (see its header)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pipeline.model import VARIANTS, SegOutput
-from tests.test_model_common import class_embeddings, images, single_thread, tiny_model  # noqa: F401
+from tests.tiny import class_embeddings, images, tiny_model
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

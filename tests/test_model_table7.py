@@ -13,7 +13,7 @@ from pipeline.model import VARIANTS
 from pipeline.model.aggregation import PlainSum, SingleBlock
 from pipeline.model.head import relationship_descriptor
 from pipeline.model.tools import model_info
-from tests.test_model_common import class_embeddings, images, single_thread, tiny_model  # noqa: F401
+from tests.tiny import class_embeddings, images, tiny_model
 
 TABLE7 = ["multi_decoder_last", "multi_decoder_fusion"]
 

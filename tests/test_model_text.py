@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model import average_class_embeddings, make_tokenizer
-from tests.test_model_common import single_thread, tiny_arch, tiny_model  # noqa: F401
+from tests.tiny import tiny_arch, tiny_model
 
 
 def test_average_class_embeddings_normalises_before_and_after_averaging():

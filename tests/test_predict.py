@@ -6,8 +6,8 @@ from pipeline.cli import main
 from pipeline.data.transforms import Normalize
 from pipeline.errors import CascadeError
 from pipeline.model import model_extra, save
-from pipeline.predict import Segmenter, find_images, parse_classes
-from tests.test_model_common import tiny_model
+from pipeline.predict import Segmenter, parse_classes, plan_outputs
+from tests.tiny import tiny_model
 
 CARD = {"templates": ["a photo of a {}."], "mean": [120.0, 110.0, 100.0], "std": [60.0, 60.0, 60.0]}
 
@@ -77,7 +77,7 @@ def test_clear_errors(model_file, tmp_path):
     with pytest.raises(CascadeError, match="bad.png: unreadable"):
         Segmenter.from_file(model_file)(bad, ["cat"])
     with pytest.raises(CascadeError, match="no such file"):
-        find_images([tmp_path / "missing.png"])
+        plan_outputs([tmp_path / "missing.png"], tmp_path / "out", scores=False, overwrite=False)
     with pytest.raises(CascadeError, match="model file not found"):
         Segmenter.from_file(tmp_path / "none.safetensors")
 

@@ -6,7 +6,7 @@ import yaml
 from pipeline.config import PRESETS_DIR, Params, load_params
 from pipeline.data.catalog import get_dataset, template_set
 from stages.self_train import training_config
-from tests.conftest import REPO
+from tests.project import REPO
 
 PRESETS = ["voc12", "coco", "context59", "coco_to_voc", "coco_to_context"]
 

@@ -9,6 +9,7 @@ import torch
 from pipeline.config import ToyClipConfig
 from pipeline.data.catalog import get_dataset
 from pipeline.data.shapes import ShapesWorld
+from pipeline.data.transforms import OPENAI_CLIP
 from pipeline.engine.pretrain import (
     CaptionedImages,
     batch_contrastive_loss,
@@ -16,7 +17,6 @@ from pipeline.engine.pretrain import (
     compositionality,
     cosine_lr,
     holdout_images,
-    normalise,
     parameter_groups,
     pretrain_clip,
     pretrain_images,
@@ -24,7 +24,6 @@ from pipeline.engine.pretrain import (
     zero_shot_accuracy,
 )
 from pipeline.model.clip import create_clip, make_tokenizer, toy_arch
-from pipeline.weights import CLIP_MEAN, CLIP_STD
 
 DEMO = get_dataset("demo")
 WORLD = ShapesWorld(DEMO)
@@ -89,7 +88,7 @@ def contrastive_loss(model, tokenizer, data: CaptionedImages) -> float:
     import open_clip
 
     with torch.no_grad():
-        out = model(normalise(data.images, CLIP_MEAN, CLIP_STD), tokenizer(data.captions))
+        out = model(OPENAI_CLIP.batch(data.images), tokenizer(data.captions))
         return float(open_clip.loss.ClipLoss()(*out))
 
 
@@ -102,7 +101,7 @@ def test_batch_loss_encodes_each_caption_once_and_matches_the_plain_clip_loss():
     arch = toy_arch(toy)
     tokens = make_tokenizer(arch)(data.captions)
     assert len(torch.unique(tokens, dim=0)) < len(tokens)  # the case that matters: repeated captions
-    images = normalise(data.images, CLIP_MEAN, CLIP_STD)
+    images = OPENAI_CLIP.batch(data.images)
     loss_fn = open_clip.loss.ClipLoss()
     torch.manual_seed(0)
     model = create_clip(arch)
@@ -129,7 +128,7 @@ def test_short_pretraining_lowers_the_contrastive_loss_and_is_deterministic():
         torch.manual_seed(0)
         model = create_clip(arch)
         before = contrastive_loss(model.eval(), tokenizer, data)
-        result = pretrain_clip(model, tokenizer, data, toy, seed=0, mean=CLIP_MEAN, std=CLIP_STD, progress=False)
+        result = pretrain_clip(model, tokenizer, data, toy, seed=0, progress=False)
         after = contrastive_loss(model, tokenizer, data)
         curves.append([row["loss"] for row in result.curve])
     assert after < 0.75 * before, (before, after)
@@ -145,7 +144,7 @@ def test_zero_shot_accuracy_splits_into_seen_and_unseen():
     model = create_clip(arch).eval()
     images, labels = holdout_images(WORLD, toy, seed=0)
     out = zero_shot_accuracy(model, make_tokenizer(arch), images, labels, DEMO.classes, ["a photo of a {}."],
-                             seen_ids=DEMO.seen_ids(), mean=CLIP_MEAN, std=CLIP_STD)
+                             seen_ids=DEMO.seen_ids())
     seen_share = 12 / 16
     assert out["zero_shot_acc"] == pytest.approx(seen_share * out["zero_shot_acc_seen"] + (1 - seen_share) * out["zero_shot_acc_unseen"])
     assert out["zero_shot_chance"] == pytest.approx(1 / 16)

@@ -6,7 +6,7 @@ from pipeline.config import IGNORE_INDEX
 from pipeline.data.dataset import SegmentationDataset
 from pipeline.engine.pseudo import TO_PSEUDO, online_label_fn, pseudo_labels, self_training_lut
 from pipeline.engine.train import Schedule, train
-from tests.test_model_common import class_embeddings, tiny_model
+from tests.tiny import class_embeddings, tiny_model
 from tests.train_fixtures import make_data, setup, train_cfg, trainable_vector
 
 SEEN, UNSEEN = [0, 1, 3], [2, 4]

@@ -28,7 +28,7 @@ SHELL_COMMANDS = {"source", "export", "cd", "git", "find", "cat", "ls", "ln", "c
 SEPARATORS = {"&&", "||", ";", "|", "&"}
 ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_.]*$|[<>]|\.\.\.")  # FILE, NAME, <name>, ...
-REPO_PATH = re.compile(r"^(?:scripts|pipeline|stages|tests|presets|docs)/[\w./-]+\.\w+$")
+REPO_PATH = re.compile(r"^(?:scripts|benchmarks|pipeline|stages|tests|presets|docs)/[\w./-]+\.\w+$")
 
 
 # --- reading the README ---------------------------------------------------------------------
@@ -172,7 +172,7 @@ def command_problems(words: list[str]) -> list[str]:
                 return stage_problems(module, args[2:])
             if module == "pytest":
                 return [] if "pytest" in dependencies() else ["pytest is not a dependency of the project"]
-            if module.startswith("pipeline."):
+            if module.startswith(("pipeline.", "benchmarks.")):
                 parts = module.split(".")
                 exists = (REPO.joinpath(*parts).with_suffix(".py")).is_file() or (REPO.joinpath(*parts) / "__init__.py").is_file()
                 return [] if exists else [f"no module {module}"]

@@ -1,5 +1,5 @@
 """Numeric parity with the authors' release: its state dict, imported with import-checkpoint's code,
-gives the release's logits, inference scores and loss (golden values from scripts/release_parity.py)."""
+gives the release's logits, inference scores and loss (golden values from benchmarks/release_parity.py)."""
 
 import json
 from pathlib import Path
@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from pipeline.config import IGNORE_INDEX, LossConfig, ModelConfig
 from pipeline.model import load, segmentation_loss
 from pipeline.model.release import import_release_checkpoint
-from tests.test_model_common import single_thread  # noqa: F401
 
 GOLDEN = Path(__file__).parent / "data" / "release_golden.safetensors"
 RTOL = 1e-5  # of the golden values' largest magnitude

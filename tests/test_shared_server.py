@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.project import REPO
 
 PROBE = """
 import os, sys, httpx

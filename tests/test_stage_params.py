@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel
 
 from pipeline.config import Params
-from tests.conftest import REPO
+from tests.project import REPO
 
 DVC_STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 

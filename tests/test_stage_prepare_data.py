@@ -12,7 +12,7 @@ from pipeline.data.prepared import read_manifest
 from pipeline.tracking import TAG_COMMIT, TAG_GROUP, TAG_PARAMS_HASH, TAG_PARENT_RUN, TAG_PREFECT_FLOW_RUN, TAG_ROLE, TAG_STAGE
 from stages import prepare_data
 from stages.common import run_stage
-from tests.conftest import REPO
+from tests.project import REPO
 
 TINY = {"dataset": {"demo": {"n_train": 12, "n_val": 4, "image_size": 40, "workers": 1}}}
 
@@ -166,3 +166,25 @@ def test_a_second_run_of_a_running_stage_stops_at_once_naming_the_first(project,
         first.wait()
     assert run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, []) == 0
     assert len(read_manifest(project / "data/prepared")) == 16
+
+
+@pytest.mark.parametrize("answer, code", [("503", 75), ("404", 1)])
+def test_a_download_that_may_pass_exits_with_the_code_the_flow_retries(project, answer, code, capsys, monkeypatch):
+    """A source fetched from a mirror (dataset.mirrors) that keeps answering 503 fails for a reason that passes:
+    the stage's fetch task tries again (twice), then the stage exits with EXIT_TRANSIENT, which the pipeline flow
+    retries; a 404 will not pass: one try, exit code 1."""
+    from stages.common import EXIT_TRANSIENT
+    from tests.http_server import FileServer
+
+    assert EXIT_TRANSIENT == 75
+    monkeypatch.setattr(prepare_data, "fetch_sources", prepare_data.fetch_sources.with_options(retry_delay_seconds=0))
+    with FileServer(b"never served", plan=[answer] * 10) as server:
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["dataset"].update(name="voc12", download_retries=1, download_backoff=0.0, mirrors={
+            "voc2012": {"url": server.url("VOCtrainval_11-May-2012.tar"), "md5": "0" * 32},
+            "sbd": {"url": server.url("benchmark.tgz"), "md5": "0" * 32}})
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        assert run_stage(prepare_data.NAME, prepare_data.main, prepare_data.SECTIONS, []) == code
+    tries = 1 + prepare_data.FETCH_RETRIES if answer == "503" else 1
+    assert len(server.requests) == tries * (1 + (params["dataset"]["download_retries"] if answer == "503" else 0))
+    assert "VOCtrainval_11-May-2012.tar" in capsys.readouterr().err

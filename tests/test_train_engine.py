@@ -13,8 +13,8 @@ from pipeline.engine.train import (
     save_checkpoint,
     train,
 )
-from tests.conftest import REPO, venv_env
-from tests.test_model_common import tiny_model
+from tests.project import REPO, venv_env
+from tests.tiny import tiny_model
 from tests.train_fixtures import setup, train_cfg, trainable_vector
 
 

@@ -127,3 +127,43 @@ def test_crop_ratio_is_checked_on_the_dataset_classes_before_unseen_pixels_becom
     assert mixed >= 45  # 10 tries at 8/33 each: 94% of crops mixed
     assert sum(left > 24 for left in mapped_first_lefts) <= 25  # a single try: 24%
     assert release_lefts != mapped_first_lefts
+
+
+# --------------------------------------------------------------------------------------------
+# pixel normalisation: one table of statistics, one normaliser
+# --------------------------------------------------------------------------------------------
+def test_the_pixel_statistics_are_open_clips_and_the_releases():
+    import open_clip
+
+    from pipeline.data.transforms import IMAGENET, OPENAI_CLIP, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    assert OPENAI_CLIP_MEAN == tuple(open_clip.constants.OPENAI_DATASET_MEAN)
+    assert OPENAI_CLIP_STD == tuple(open_clip.constants.OPENAI_DATASET_STD)
+    assert OPENAI_CLIP.mean == (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)  # bit for bit
+    assert IMAGENET == Normalize((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))  # mmseg's config
+
+
+def test_one_image_and_a_batch_are_normalised_alike():
+    import torch
+
+    from pipeline.data.transforms import OPENAI_CLIP, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    batch = OPENAI_CLIP.batch(torch.from_numpy(images).permute(0, 3, 1, 2))
+    # the batch form scales to 0..1 first (as open_clip's preprocessing): the toy CLIP's pretraining numbers
+    unit = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+            - torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    assert torch.equal(batch, unit)
+    for image, normalised in zip(images, batch):
+        np.testing.assert_allclose(OPENAI_CLIP(image), normalised.numpy(), rtol=0, atol=1e-5)
+
+
+def test_normalisation_follows_the_backbones_statistics_or_the_releases():
+    from pipeline.data.transforms import IMAGENET, OPENAI_CLIP
+    from pipeline.engine.setup import card_normalizer, normalizer
+
+    assert normalizer("imagenet") == IMAGENET
+    assert normalizer("backbone") == normalizer("backbone", {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                                             "std": [0.26862954, 0.26130258, 0.27577711]}) == OPENAI_CLIP
+    assert normalizer("backbone", {"mean": [0.5] * 3, "std": [0.5] * 3}) == Normalize((127.5,) * 3, (127.5,) * 3)
+    assert card_normalizer({}) == OPENAI_CLIP

@@ -10,7 +10,7 @@ from pipeline.data.dataset import SegmentationDataset
 from pipeline.data.prepared import ClassInfo, prepare_demo
 from pipeline.data.transforms import label_lut
 from pipeline.engine.setup import normalizer, train_transform
-from tests.test_model_common import class_embeddings, tiny_model
+from tests.tiny import class_embeddings, tiny_model
 
 
 def make_data(root: Path, n_train: int = 24, size: int = 32) -> ClassInfo:

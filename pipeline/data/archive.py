@@ -3,6 +3,9 @@
 Every member is checked before a byte of the archive is written: a member whose path would land
 outside the target folder (`../`, an absolute path, a drive letter), any symbolic or hard link, and
 any device file or FIFO is refused. All refused members are listed in one `UnsafeArchiveError`.
+A tar member passes the standard library's `filter="data"` (`tarfile.data_filter`, PEP 706) first,
+in both passes, and the rules above on top: they are stricter (the filter lets links inside the
+target and absolute paths, stripped of their `/`, through).
 Decompression bombs are refused too (`ArchiveLimitError`): the archive's own index (a zip's central
 directory; a tar's member headers, read in a first pass that writes nothing) must hold at most
 `max_members` members of at most `max_bytes` bytes in all, and no member may yield more bytes than
@@ -167,8 +170,16 @@ class _Progress:
         return self.handle.tell()
 
 
-def _tar_problem(member: tarfile.TarInfo) -> str | None:
-    return member_problem(member.name) or _tar_type_problem(member)
+def _tar_problem(member: tarfile.TarInfo, dest: Path) -> str | None:
+    """Why a tar member is unsafe: tarfile's data filter's reason, then ours (None when both accept it)."""
+    problems = []
+    try:
+        tarfile.data_filter(member, str(dest))
+    except tarfile.FilterError as exc:
+        problems.append(f"refused by tarfile's data filter ({type(exc).__name__}: {exc})")
+    if own := member_problem(member.name) or _tar_type_problem(member):
+        problems.append(own)
+    return "; ".join(problems) or None
 
 
 def _bar(archive: Path, progress: bool, verb: str) -> tqdm:
@@ -183,7 +194,7 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         tar.members.clear()
 
 
-def _check_tar(archive: Path, limits: _Limits, progress: bool) -> None:
+def _check_tar(archive: Path, dest: Path, limits: _Limits, progress: bool) -> None:
     """The first pass, which writes nothing: every member header against the limits and the safety rules."""
     refused: list[str] = []
     members = total = 0
@@ -192,7 +203,7 @@ def _check_tar(archive: Path, limits: _Limits, progress: bool) -> None:
         for member in _members(tar):
             members, total = members + 1, total + (member.size if member.isfile() else 0)
             limits.check(members, total, partial=True)
-            if problem := _tar_problem(member):
+            if problem := _tar_problem(member, dest):
                 refused.append(f"{member.name!r}: {problem}")
     if refused:
         raise _refuse(archive, refused)
@@ -200,7 +211,7 @@ def _check_tar(archive: Path, limits: _Limits, progress: bool) -> None:
 
 def _extract_tar(archive: Path, dest: Path, limits: _Limits, progress: bool) -> None:
     try:
-        _check_tar(archive, limits, progress)
+        _check_tar(archive, dest, limits, progress)
         members = total = 0
         # streamed ("r|*"): one sequential pass, also over gzip, which has no random access
         with open(archive, "rb") as raw, _bar(archive, progress, "extracting") as bar, \
@@ -208,7 +219,7 @@ def _extract_tar(archive: Path, dest: Path, limits: _Limits, progress: bool) -> 
             for member in _members(tar):
                 members, total = members + 1, total + (member.size if member.isfile() else 0)
                 limits.check(members, total, partial=True)  # the file may have changed since the first pass
-                if problem := _tar_problem(member):
+                if problem := _tar_problem(member, dest):
                     raise _refuse(archive, [f"{member.name!r}: {problem}"])
                 target = _target(dest, member.name)
                 if member.isdir():

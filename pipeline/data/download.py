@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,7 @@ log = logging.getLogger("cascade_clip.data")
 
 CHECKSUM_ALGORITHMS = ("md5", "sha1", "sha256")
 PART_SUFFIX = ".part"
+CORRUPT_SUFFIX = ".corrupt"  # beside the download: a finished file that failed its checks (kept for a look)
 PIN_SUFFIX = ".pin.json"  # beside the cached download: size and sha256 of a source without published checksums
 _CHUNK = 1 << 20
 _MAX_BACKOFF = 300.0  # seconds: the longest wait between two tries
@@ -57,11 +58,21 @@ _UNKNOWN_HOST = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA") if has
 
 
 class DownloadError(CascadeError):
-    """A file that could not be downloaded (a permanent error, e.g. HTTP 404)."""
+    """A file that could not be downloaded (a permanent error, e.g. HTTP 404).
+
+    The message is `failure` (what went wrong), then `advice` (what to do: for datasets, where to put
+    the file by hand). Callers with advice of their own (pipeline.weights) show `failure` alone.
+    """
+
+    def __init__(self, failure: str, advice: str = ""):
+        super().__init__(f"{failure}. {advice}" if advice else failure)
+        self.failure, self.advice = failure, advice
 
 
 class TransientDownloadError(DownloadError):
     """Network errors that outlasted every retry; trying again later may succeed."""
+
+    transient = True
 
 
 class ChecksumError(DownloadError):
@@ -95,11 +106,17 @@ class Source:
         return archive_stem(self.file)
 
 
-def dataset_sources(entry: DatasetEntry, splits: Iterable[str] | None = None) -> list[Source]:
-    """The catalog's sources of `entry` that any of `splits` needs (all of them when None)."""
+def dataset_sources(entry: DatasetEntry, splits: Iterable[str] | None = None, mirrors: Mapping | None = None) -> list[Source]:
+    """The catalog's sources of `entry` that any of `splits` needs (all of them when None). A source in
+    `mirrors` (params dataset.mirrors: key -> url, md5/sha256, size) comes from the mirror's URL and is
+    checked against the mirror's checksum instead of the catalog's."""
     wanted = set(splits) if splits is not None else None
     sources = []
     for key, spec in (entry.extra.get("sources") or {}).items():
+        mirror = (mirrors or {}).get(key)
+        if mirror is not None:
+            spec = {**{k: v for k, v in spec.items() if k not in ("size", *CHECKSUM_ALGORITHMS)},
+                    **{k: getattr(mirror, k) for k in ("url", "size", "md5", "sha256")}}
         source = Source(
             key=key,
             file=spec["file"],
@@ -133,15 +150,18 @@ def file_checksums(path: Path, algorithms: Iterable[str], *, progress: bool = Fa
     return {a: h.hexdigest() for a, h in hashers.items()}
 
 
-def verify_file(path: Path, size: int | None, checksums: dict[str, str], *, fix: str, progress: bool = False) -> None:
-    """Raise ChecksumError (naming the file, the expected and the actual value, and `fix`) on a mismatch."""
+def verify_file(path: Path, size: int | None, checksums: dict[str, str], *, fix: str,
+                progress: bool = False) -> dict[str, str]:
+    """The file's `checksums` algorithms' digests, as `file_checksums`; ChecksumError (naming the file, the
+    expected and the actual value, and `fix`) when one of them or its size differs."""
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
-        raise ChecksumError(f"{path}: size mismatch: expected {size} bytes, found {actual_size}. {fix}")
+        raise ChecksumError(f"{path}: size mismatch: expected {size} bytes, found {actual_size}", fix)
     actual = file_checksums(path, checksums, progress=progress)
     for algorithm, expected in checksums.items():
         if actual[algorithm] != expected:
-            raise ChecksumError(f"{path}: {algorithm} mismatch: expected {expected}, found {actual[algorithm]}. {fix}")
+            raise ChecksumError(f"{path}: {algorithm} mismatch: expected {expected}, found {actual[algorithm]}", fix)
+    return actual
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,14 +192,17 @@ def download(
     checksums: dict[str, str] | None = None,
     policy: RetryPolicy | None = None,
     progress: bool = True,
+    keep_corrupt: bool = True,
 ) -> Path:
     """Download `url` to the file `dest`, resuming `dest.part` if an earlier try left one.
 
     Transient errors (connection refused or reset, timeouts, a short body, HTTP 408/429/5xx) are
     retried with exponential back-off; the retry budget is renewed whenever a try made progress.
-    An unknown host name (an offline machine) and HTTP errors such as 404 fail at once.
+    Once retries are spent, TransientDownloadError: running again later may succeed (and resumes).
+    An unknown host name (an offline machine) and HTTP errors such as 404 fail at once (DownloadError).
     The finished file must have `size` bytes and the given checksums; on a mismatch it is moved to
-    `<dest>.corrupt` and ChecksumError names the file, both values and the fix.
+    `<dest>.corrupt` (deleted instead when not `keep_corrupt`) and ChecksumError names the file,
+    both values and the fix.
     """
     dest = Path(dest)
     policy = policy or RetryPolicy()
@@ -200,20 +223,25 @@ def download(
             got = part.stat().st_size if part.exists() else 0
             raise TransientDownloadError(
                 f"{url}: download failed after {policy.retries + 1} tries without progress ({last_error}); "
-                f"{got} bytes are kept in {part} and the next run resumes from there. Check the network and run "
-                f"again, or download {dest.name} yourself and put it in the folder named by dataset.source_dir"
+                f"{got} bytes are kept in {part} and the next run resumes from there",
+                f"Check the network and run again, or download {dest.name} yourself and put it in the folder named "
+                "by dataset.source_dir",
             )
         wait = policy.delay(failures)
         log.warning("download of %s failed (%s); try %d of %d in %.1f s", url, last_error, failures + 1,
                     policy.retries + 1, wait)
         policy.sleep(wait)
-    fix = (f"The download is corrupt or the file on the server changed: it was moved to {dest.name}.corrupt "
+    kept = f"it was moved to {dest.name}{CORRUPT_SUFFIX}" if keep_corrupt else "it was deleted"
+    fix = (f"The download is corrupt or the file on the server changed: {kept} "
            f"and the next run downloads it again; or put a good copy of {dest.name} in dataset.source_dir.")
     try:
         verify_file(part, size, checksums, fix=fix, progress=progress)
     except ChecksumError as exc:
-        os.replace(part, dest.with_name(dest.name + ".corrupt"))
-        raise ChecksumError(str(exc).replace(str(part), str(dest))) from None
+        if keep_corrupt:
+            os.replace(part, dest.with_name(dest.name + CORRUPT_SUFFIX))
+        else:
+            part.unlink()
+        raise ChecksumError(exc.failure.replace(str(part), str(dest)), fix) from None
     os.replace(part, dest)
     return dest
 
@@ -240,14 +268,14 @@ def _fetch(url: str, part: Path, size: int | None, timeout: float, progress: boo
             raise _Transient(f"HTTP 416 for a range starting at {offset}; starting again from byte 0") from None
         if exc.code in _TRANSIENT_HTTP:
             raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
-        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}. The file may have moved: download it yourself "
-                            "and put it in the folder named by dataset.source_dir") from None
+        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}", "The file may have moved: download it "
+                            "yourself and put it in the folder named by dataset.source_dir") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, socket.gaierror) and reason.errno in _UNKNOWN_HOST:
             host = urllib.parse.urlsplit(url).hostname
             raise DownloadError(f"{url}: the host {host!r} is unknown ({reason.strerror}): this machine has no "
-                                "internet access or no DNS. Download the file elsewhere and put it in the folder "
+                                "internet access or no DNS", "Download the file elsewhere and put it in the folder "
                                 "named by dataset.source_dir, or run again once the network is up") from None
         raise _Transient(_reason(exc)) from None
     with response:
@@ -417,7 +445,7 @@ def locate_source(source: Source, cfg: DatasetConfig, cache: Path, *, progress: 
             download(source.url, local, size=source.size, checksums=checksums, policy=policy_from(cfg),
                      progress=progress)
         except ChecksumError as exc:
-            raise ChecksumError(f"{exc}{repin}") from None
+            raise ChecksumError(exc.failure, f"{exc.advice}{repin}") from None
     else:
         return None
     if cfg.verify_checksums:
@@ -432,7 +460,7 @@ def locate_sources(entry: DatasetEntry, cfg: DatasetConfig, splits: Iterable[str
     """Content folder of every source that `splits` of `entry` need, keyed by source name."""
     cache = Path(cfg.cache_dir) / entry.name
     roots, missing = {}, []
-    for source in dataset_sources(entry, splits):
+    for source in dataset_sources(entry, splits, cfg.mirrors):
         root = locate_source(source, cfg, cache, progress=progress)
         if root is None:
             missing.append(source)

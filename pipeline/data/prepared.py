@@ -148,7 +148,7 @@ def prepare_demo(cfg: DatasetConfig, seed: int, root: Path, *, progress: bool = 
     tasks = _tasks(world, seed, demo, root)
     bar = tqdm(total=total, desc="drawing demo world", unit="img", disable=not progress)
     rows, pixels = [], np.zeros(256, dtype=np.int64)
-    with _pool(cfg.demo.workers) as pool:
+    with worker_pool(cfg.demo.workers) as pool:
         for row, counts in pool.imap(_draw_and_write, tasks, chunksize=32):
             rows.append(row)
             pixels += counts
@@ -171,8 +171,11 @@ class _SerialPool:
     def imap(self, fn, items, chunksize=1):
         return map(fn, items)
 
+    imap_unordered = imap
 
-def _pool(workers: int):
+
+def worker_pool(workers: int):
+    """`workers` spawned processes (a multiprocessing.Pool), or this process alone when `workers` <= 1."""
     return get_context("spawn").Pool(workers) if workers > 1 else _SerialPool()
 
 

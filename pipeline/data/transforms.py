@@ -11,28 +11,55 @@ transform invents a label value.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 from skimage.color import hsv2rgb, rgb2hsv
 
 from pipeline.config import IGNORE_INDEX
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # the release's normalisation, on RGB 0..255
-IMAGENET_STD = (58.395, 57.12, 57.375)
 CROP_TRIES = 10  # mmseg's RandomCrop tries at most this many crops for cat_max_ratio
+
+# Pixel statistics per RGB channel: the only copy of them in the code. OpenAI CLIP's are given on
+# the 0..1 scale, as open_clip gives them and clip.json records them; the release's on 0..255, as
+# its config gives them.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # what OpenAI's CLIP and the toy CLIP were trained with
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # the release's (mmseg's ImageNet) normalisation, on 0..255
+IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
 class Normalize:
+    """Pixel normalisation, the only one: (pixel - mean) / std per RGB channel."""
+
     mean: tuple[float, float, float]  # per RGB channel, on the 0..255 scale
     std: tuple[float, float, float]
 
+    @classmethod
+    def from_unit(cls, mean: Sequence[float], std: Sequence[float]) -> Normalize:
+        """From statistics on the 0..1 scale (open_clip's convention)."""
+        return cls(tuple(m * 255.0 for m in mean), tuple(s * 255.0 for s in std))
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """uint8 [H, W, 3] -> float32 [3, H, W]."""
+        """One image for segmentation: uint8 [H, W, 3] -> float32 [3, H, W], on the 0..255 scale."""
         out = (image.astype(np.float32) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch as open_clip's preprocessing does it: uint8 [N, 3, H, W] -> float [N, 3, H, W], scaled
+        to 0..1 first, then standardised with the statistics on that scale."""
+        x = images.float().div_(255.0)
+        mean = torch.tensor([m / 255.0 for m in self.mean], dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor([s / 255.0 for s in self.std], dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+OPENAI_CLIP = Normalize.from_unit(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+IMAGENET = Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
 
 def label_lut(class_ids: list[int], num_classes: int) -> np.ndarray:

@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from pipeline.config import ToyClipConfig
 from pipeline.data.catalog import get_dataset, template_set
+from pipeline.data.transforms import OPENAI_CLIP
 from pipeline.data.shapes import ShapesWorld, scene_rng
 from pipeline.model.clip import create_clip, make_tokenizer, toy_arch
 from pipeline.text import class_embeddings, similarity
-from pipeline.weights import CLIP_MEAN, CLIP_STD
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its learned temperature at 100
 CURVE_FIELDS = ("step", "loss", "lr", "logit_scale")  # columns of PretrainResult.curve
@@ -92,14 +92,6 @@ def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
-def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> float, scaled to 0..1 then standardised with `mean`/`std` (0..1 scale)."""
-    x = images.float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
-
-
 # --------------------------------------------------------------------------------------------
 # optimisation
 # --------------------------------------------------------------------------------------------
@@ -131,7 +123,7 @@ def batch_contrastive_loss(model: CLIP, loss_fn: Callable, images: torch.Tensor,
 
     The demo's captions repeat within a batch (16 single-object captions among 96 images), so the
     text tower runs on the distinct ones and their features are gathered back per image: the same
-    loss and gradients up to float rounding, 0.87x the step time (scripts/bench_pretrain_step.py).
+    loss and gradients up to float rounding, 0.87x the step time (python -m benchmarks.bench_pretrain_step).
     """
     distinct, inverse = torch.unique(tokens, dim=0, return_inverse=True)
     image_features = model.encode_image(images, normalize=True)
@@ -146,8 +138,6 @@ def pretrain_clip(
     toy: ToyClipConfig,
     *,
     seed: int,
-    mean: Sequence[float],
-    std: Sequence[float],
     progress: bool = True,
 ) -> PretrainResult:
     """Train `model` in place with open_clip's ClipLoss on `data`; returns the per-step curve."""
@@ -156,7 +146,7 @@ def pretrain_clip(
     tokens = tokenizer(data.captions)
     order = torch.from_numpy(batch_order(len(data.captions), toy.batch_size, toy.steps, seed))
     loss_fn = open_clip.loss.ClipLoss()
-    # fused: one kernel per parameter group instead of one per update op (scripts/bench_pretrain_step.py)
+    # fused: one kernel per parameter group instead of one per update op (python -m benchmarks.bench_pretrain_step)
     optimizer = torch.optim.AdamW(parameter_groups(model, toy.weight_decay), lr=toy.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     curve = []
     model.train()
@@ -168,7 +158,7 @@ def pretrain_clip(
             group["lr"] = lr
         # one contrastive step
         index = order[step]
-        loss = batch_contrastive_loss(model, loss_fn, normalise(data.images[index], mean, std), tokens[index])
+        loss = batch_contrastive_loss(model, loss_fn, OPENAI_CLIP.batch(data.images[index]), tokens[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -195,8 +185,6 @@ def zero_shot_accuracy(
     templates: Sequence[str],
     *,
     seen_ids: Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
     batch_size: int = 256,
 ) -> dict[str, float]:
     """Share of single-object images whose arg-max over the class prompts is their class.
@@ -207,7 +195,7 @@ def zero_shot_accuracy(
     model.eval()
     text = class_embeddings(model, tokenizer, class_names, templates).embeddings
     features = torch.cat([
-        F.normalize(model.encode_image(normalise(images[i : i + batch_size], mean, std)).float(), dim=-1)
+        F.normalize(model.encode_image(OPENAI_CLIP.batch(images[i : i + batch_size])).float(), dim=-1)
         for i in range(0, len(images), batch_size)
     ])
     correct = (features @ text.T).argmax(dim=1) == labels
@@ -305,11 +293,11 @@ def pretrain_toy_clip(toy: ToyClipConfig, seed: int, *, rotation: float = 0.0, p
         torch.manual_seed(seed)
         model = create_clip(arch)
         tokenizer = make_tokenizer(arch)
-        result = pretrain_clip(model, tokenizer, data, toy, seed=seed, mean=CLIP_MEAN, std=CLIP_STD, progress=progress)
+        result = pretrain_clip(model, tokenizer, data, toy, seed=seed, progress=progress)
         images, labels = holdout_images(world, toy, seed)
         templates = template_set(entry.templates)
         metrics = zero_shot_accuracy(model, tokenizer, images, labels, entry.classes, templates,
-                                     seen_ids=entry.seen_ids(), mean=CLIP_MEAN, std=CLIP_STD)
+                                     seen_ids=entry.seen_ids())
         text = class_embeddings(model, tokenizer, entry.classes, templates).embeddings
         metrics |= compositionality(text, entry.classes)
     finally:

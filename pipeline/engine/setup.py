@@ -8,13 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import EvaluateConfig, TrainConfig
+from pipeline.config import TrainConfig
 from pipeline.data.prepared import ClassInfo
-from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TrainTransform
+from pipeline.data.transforms import IMAGENET, OPENAI_CLIP, Normalize, TrainTransform
 from pipeline.errors import CascadeError
-
-OPENAI_CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)  # OpenAI CLIP's pixel statistics
-OPENAI_CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 
 
 class EmbeddingMismatch(CascadeError):
@@ -24,11 +21,11 @@ class EmbeddingMismatch(CascadeError):
 def normalizer(kind: str, backbone_meta: dict | None = None) -> Normalize:
     """'imagenet' (the release) or 'backbone' (the statistics the CLIP was trained with)."""
     if kind == "imagenet":
-        return Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        return IMAGENET
     meta = backbone_meta or {}
     mean, std = meta.get("mean"), meta.get("std")
     if mean is None or std is None:
-        return Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        return OPENAI_CLIP
     scale = 255.0 if max(mean) <= 1.0 else 1.0  # stored on the 0..1 scale by open_clip convention
     return Normalize(tuple(m * scale for m in mean), tuple(s * scale for s in std))
 
@@ -63,10 +60,6 @@ def seen_mask(classes: ClassInfo) -> torch.Tensor:
     return mask
 
 
-def eval_settings(cfg: EvaluateConfig) -> dict:
-    return {"mode": cfg.mode, "crop": cfg.crop_size, "stride": cfg.stride}
-
-
 def model_card(classes: ClassInfo, normalize: Normalize, setting: str) -> dict:
     """What a model file should carry for its users (saved as its `extra` metadata)."""
     return {
@@ -85,4 +78,4 @@ def card_normalizer(card: dict) -> Normalize:
     """The pixel normalisation recorded in a model card (OpenAI CLIP's when absent)."""
     if "mean" in card and "std" in card:
         return Normalize(tuple(card["mean"]), tuple(card["std"]))
-    return Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    return OPENAI_CLIP

@@ -19,6 +19,11 @@ from pipeline.model.prompts import DeepVisualPrompts
 from pipeline.model.text_encoder import TextEncoder
 
 
+def encoder_depth(clip: CLIP) -> int:
+    """Blocks of the CLIP's vision transformer."""
+    return len(clip.visual.transformer.resblocks)
+
+
 def encoder_grid(model_cfg: ModelConfig, clip: CLIP) -> tuple[int, int] | None:
     """Token grid the position embedding is resized to at build (None keeps CLIP's)."""
     if model_cfg.image_size is None:
@@ -42,7 +47,7 @@ def assemble(
     listed twice is tapped once and decoded twice.
     """
     visual = clip.visual
-    depth = len(visual.transformer.resblocks)
+    depth = encoder_depth(clip)
     width, dim = visual.proj.shape
     # a stage may repeat (several decoders on the same feature, Table 7); the distinct ones must be valid
     distinct = list(dict.fromkeys(stages))
@@ -91,20 +96,21 @@ def assemble(
 
 
 def build_cascade(model_cfg: ModelConfig, clip: CLIP, arch: dict) -> CascadeCLIP:
-    """The paper's model: the configured stages, aggregator and prompts."""
-    stages = [tuple(s) for s in model_cfg.stages]
+    """The paper's model: the configured stages (model.stages, else derived from the depth), aggregator and prompts."""
+    stages = model_cfg.stages_for(encoder_depth(clip))
     return assemble(model_cfg, clip, arch, stages=stages, aggregator=model_cfg.aggregator, prompts=True)
 
 
 def build_zegclip(model_cfg: ModelConfig, clip: CLIP, arch: dict) -> CascadeCLIP:
     """ZegCLIP baseline: one stage, the last block only."""
-    depth = len(clip.visual.transformer.resblocks)
+    depth = encoder_depth(clip)
     return assemble(model_cfg, clip, arch, stages=[(depth, depth)], aggregator=model_cfg.aggregator, prompts=True)
 
 
 def build_fusion(model_cfg: ModelConfig, clip: CLIP, arch: dict) -> CascadeCLIP:
     """Multi-layer fusion (Fig. 2b): every block of the configured stages summed into one feature, one decoder."""
-    span = (model_cfg.stages[0][0], model_cfg.stages[-1][1])
+    stages = model_cfg.stages_for(encoder_depth(clip))
+    span = (stages[0][0], stages[-1][1])
     return assemble(model_cfg, clip, arch, stages=[span], aggregator="sum", prompts=True)
 
 
@@ -118,8 +124,8 @@ def build_multi_decoder_last(model_cfg: ModelConfig, clip: CLIP, arch: dict) -> 
     trainable count equals Cascade-CLIP's ("equivalent parameter amounts", 40.5M in Table 7) less
     the NGA weights, which a single block has nothing to aggregate with (6 for the paper's stages).
     """
-    depth = len(clip.visual.transformer.resblocks)
-    stages = [(depth, depth)] * len(model_cfg.stages)
+    depth = encoder_depth(clip)
+    stages = [(depth, depth)] * len(model_cfg.stages_for(depth))
     return assemble(model_cfg, clip, arch, stages=stages, aggregator=model_cfg.aggregator, prompts=True)
 
 
@@ -132,13 +138,14 @@ def build_multi_decoder_fusion(model_cfg: ModelConfig, clip: CLIP, arch: dict) -
     feature, each with its own class-query projection, and their masks are summed as the cascade's.
     Trainable count: Cascade-CLIP's less the NGA weights (6), which direct fusion does not have.
     """
-    span = (model_cfg.stages[0][0], model_cfg.stages[-1][1])
-    return assemble(model_cfg, clip, arch, stages=[span] * len(model_cfg.stages), aggregator="sum", prompts=True)
+    stages = model_cfg.stages_for(encoder_depth(clip))
+    span = (stages[0][0], stages[-1][1])
+    return assemble(model_cfg, clip, arch, stages=[span] * len(stages), aggregator="sum", prompts=True)
 
 
 def build_frozen(model_cfg: ModelConfig, clip: CLIP, arch: dict) -> CascadeCLIP:
     """Frozen CLIP (Table 10): the cascade without visual prompts."""
-    stages = [tuple(s) for s in model_cfg.stages]
+    stages = model_cfg.stages_for(encoder_depth(clip))
     return assemble(model_cfg, clip, arch, stages=stages, aggregator=model_cfg.aggregator, prompts=False)
 
 

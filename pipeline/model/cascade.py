@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.model.head import CascadeHead
 from pipeline.model.image_encoder import PromptedVisionEncoder
-from pipeline.model.text_encoder import TextEncoder
+from pipeline.model.text_encoder import TextEncoder, average_class_embeddings
 
 
 def calibrated_scores(logits: torch.Tensor, seen_mask: torch.Tensor | None = None, calibration: float = 0.0) -> torch.Tensor:
@@ -103,6 +103,7 @@ class CascadeCLIP(nn.Module):
         """Arg-max class per pixel [B, H, W] int64 of the calibrated scores."""
         return self(images, class_embeddings).scores(calibration, seen_mask).argmax(dim=1)
 
+    @torch.no_grad()
     def encode_text(
         self,
         class_names: Sequence[str],
@@ -110,8 +111,16 @@ class CascadeCLIP(nn.Module):
         tokenizer: Callable[[list[str]], torch.Tensor],
         batch_size: int = 256,
     ) -> torch.Tensor:
-        """Class embeddings [C, D] (METHOD.md: embed, normalise, average templates, normalise)."""
-        return self.text_encoder.class_embeddings(class_names, templates, tokenizer, batch_size)
+        """Class embeddings [C, D] (METHOD.md: embed, normalise, average templates, normalise): every
+        (class, template) prompt through the text tower, `batch_size` prompts at a time, then
+        `average_class_embeddings`."""
+        prompts = [template.format(name) for name in class_names for template in templates]
+        device = self.text_encoder.positional_embedding.device
+        chunks = [
+            self.text_encoder(tokenizer(prompts[i : i + batch_size]).to(device)) for i in range(0, len(prompts), batch_size)
+        ]
+        embeddings = torch.cat(chunks).float().reshape(len(class_names), len(templates), -1)
+        return average_class_embeddings(embeddings)
 
     # ---------------------------------------------------------------------------------------
     # freezing and optimiser groups, by explicit module membership

@@ -153,10 +153,62 @@ def toy_arch(toy: ToyClipConfig) -> dict:
 
 
 def arch_config(clip: ClipConfig) -> dict:
-    """Arch config for a `ClipConfig`: the toy CLIP's, or open_clip's bundled config for `clip.arch`."""
+    """Arch config for a `ClipConfig`: the toy CLIP's, source open_clip's (`openclip_arch`), or open_clip's
+    bundled config for `clip.arch`."""
     if clip.source == "toy":
         return toy_arch(clip.toy)
+    if clip.source == "open_clip":
+        return openclip_arch(clip.model, clip.pretrained)
     return named_arch(clip.arch)
+
+
+def openclip_arch(model: str, pretrained: str | None = None) -> dict:
+    """The arch config of source open_clip, read without downloading anything: open_clip's config for
+    the name `model` (bundled, or added with open_clip.add_model_config), with quick_gelu set as
+    `pretrained`'s tag was trained (open_clip's pretrained table), checked to be a plain ViT."""
+    arch = open_clip.get_model_config(model)
+    if arch is None:
+        known = ", ".join(n for n in open_clip.list_models() if _is_plain_vit(open_clip.get_model_config(n)))
+        raise ArchError(f"clip.model: unknown open_clip model {model!r}; plain ViT configs: {known}")
+    problem = _plain_vit_problem(arch)
+    if problem:
+        raise ArchError(f"clip.model: {model!r} is not a plain ViT CLIP ({problem}); Cascade-CLIP prompts and taps "
+                        "the blocks of open_clip's own VisionTransformer: use a ViT config such as ViT-B-16, "
+                        "ViT-L-14 or ViT-H-14")
+    arch = copy.deepcopy(dict(arch))
+    tag = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else {}
+    if tag.get("quick_gelu") and not arch.get("quick_gelu"):
+        arch["quick_gelu"] = True  # the weights were trained with QuickGELU (OpenAI's): build them so
+    return check_arch(arch, source=f"open_clip model {model}")
+
+
+def _plain_vit_problem(arch: Any) -> str | None:
+    """Why an open_clip model config is not a plain ViT CLIP (None: it is one, up to `check_arch`'s details)."""
+    if not isinstance(arch, Mapping):
+        return "no model config"
+    vision, text = arch.get("vision_cfg") or {}, arch.get("text_cfg") or {}
+    if "timm_model_name" in vision:
+        return f"its image tower is timm's {vision['timm_model_name']}"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "its image tower is a ResNet"
+    if "multimodal_cfg" in arch:
+        return "it is a captioning model (CoCa)"
+    if "hf_model_name" in text or "hf_tokenizer_name" in text:
+        return "its text tower or tokenizer comes from Hugging Face"
+    if arch.get("custom_text"):
+        return "it has open_clip's custom text tower, not CLIP's"
+    return None
+
+
+def _is_plain_vit(arch: Any) -> bool:
+    """Whether source open_clip accepts this model config (for listing the valid names)."""
+    if _plain_vit_problem(arch) is not None:
+        return False
+    try:
+        check_arch(arch, source="open_clip")
+    except ArchError:
+        return False
+    return True
 
 
 def named_arch(name: str) -> dict:

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import LayerNorm, VisionTransformer
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from pipeline.model.prompts import DeepVisualPrompts
@@ -27,15 +28,16 @@ class VisualFeatures:
 
 
 def resize_position_embedding(pos: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resize the patch part of a [1 + h*w, width] position embedding from grid src to dst."""
+    """Bilinearly resize the patch part of a [1 + h*w, width] position embedding from grid src to dst.
+
+    timm's resampler, set to bilinear with align_corners=False and no antialiasing (not timm's default,
+    bicubic with antialiasing); the class position is kept as it is.
+    """
     if tuple(src) == tuple(dst):
         return pos
-    cls_pos, patch_pos = pos[:1], pos[1:]
-    width = pos.shape[-1]
-    patch_pos = patch_pos.reshape(1, src[0], src[1], width).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos, size=dst, mode="bilinear", align_corners=False)
-    patch_pos = patch_pos.reshape(width, dst[0] * dst[1]).transpose(0, 1)
-    return torch.cat([cls_pos, patch_pos], dim=0)
+    resized = resample_abs_pos_embed(pos[None], new_size=list(dst), old_size=list(src), num_prefix_tokens=1,
+                                     interpolation="bilinear", antialias=False)  # align_corners None: False
+    return resized[0]
 
 
 class PromptedVisionEncoder(nn.Module):

@@ -11,16 +11,17 @@ from pipeline.model.clip import arch_config
 def model_row(params: Params) -> dict:
     """The model facts of a parameter set, as model-info, bench and import-checkpoint use them.
 
-    arch: open_clip architecture name, or "toy" for the toy CLIP (clip.toy); image_size: input side
+    arch: open_clip architecture name (clip.model for source open_clip), or "toy" for the toy CLIP
+    (clip.toy); stages: model.stages, else derived from the encoder depth; image_size: input side
     in pixels (model.image_size, else the training crop); prompt_tokens: P; num_classes: the
     dataset's classes in the catalog (counted in FLOPs); release: the preset reproduces the
     authors' release (release-compatible behaviour: double CLS, random frozen taps)."""
     return {
-        "arch": "toy" if params.clip.source == "toy" else params.clip.arch,
+        "arch": {"toy": "toy", "open_clip": params.clip.model}.get(params.clip.source, params.clip.arch),
         "image_size": params.model.image_size or params.train.crop_size,
         "prompt_tokens": params.model.prompt_tokens,
         "num_classes": catalog_class_count(params.dataset.name),
-        "stages": [tuple(stage) for stage in params.model.stages],
+        "stages": params.model.stages_for(arch_config(params.clip)["vision_cfg"]["layers"]),
         "release": params.model.release_double_cls,
     }
 

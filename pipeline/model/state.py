@@ -19,11 +19,6 @@ class StateDictError(CascadeError, ValueError):
     """A state dict does not match the model it is loaded into; the message lists every problem."""
 
 
-def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The state dict with `prefix` removed from every key that starts with it."""
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
-
-
 def check_state_dict(
     expected: Mapping[str, torch.Size | tuple[int, ...]],
     given: Mapping[str, torch.Tensor],

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
@@ -55,20 +53,3 @@ class TextEncoder(nn.Module):
         if isinstance(self.text_projection, nn.Linear):
             return self.text_projection(x)
         return x @ self.text_projection
-
-    @torch.no_grad()
-    def class_embeddings(
-        self,
-        class_names: Sequence[str],
-        templates: Sequence[str],
-        tokenizer: Callable[[list[str]], torch.Tensor],
-        batch_size: int = 256,
-    ) -> torch.Tensor:
-        """[C, embed_dim] embeddings: every (class, template) embedded, then `average_class_embeddings`."""
-        prompts = [template.format(name) for name in class_names for template in templates]
-        device = self.positional_embedding.device
-        chunks = [
-            self(tokenizer(prompts[i : i + batch_size]).to(device)) for i in range(0, len(prompts), batch_size)
-        ]
-        embeddings = torch.cat(chunks).float().reshape(len(class_names), len(templates), -1)
-        return average_class_embeddings(embeddings)

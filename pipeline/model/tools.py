@@ -8,7 +8,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -19,6 +19,8 @@ from pipeline.model.aggregation import WeightedSum, nga_initial_weights
 from pipeline.config import LossConfig
 from pipeline.model.build import build_model
 from pipeline.model.cascade import CascadeCLIP
+from pipeline.model.checkpoint import referenced_keys
+from pipeline.model.clip import create_clip
 from pipeline.model.loss import segmentation_loss
 from pipeline.model.presets import preset as preset_row
 from pipeline.model.presets import preset_arch, preset_model_config
@@ -30,6 +32,11 @@ __all__ = ["model_info", "bench_inference", "bench_train_step", "import_release_
 def _build_preset(name: str, variant: str, device: str | torch.device = "cpu") -> CascadeCLIP:
     with torch.device(device):
         return build_model(preset_model_config(name, variant), preset_arch(name))
+
+
+def file_bytes(model: CascadeCLIP, *, skip: set[str] = frozenset()) -> int:
+    """Bytes of the model's tensors (but `skip`) in a model file (the metadata's few kB not counted)."""
+    return sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k not in skip)
 
 
 def count_flops(model: CascadeCLIP, image_size: int, num_classes: int) -> int:
@@ -46,12 +53,15 @@ def count_flops(model: CascadeCLIP, image_size: int, num_classes: int) -> int:
 
 
 def model_info(preset: str, variant: str = "cascade", image_size: int = 512) -> dict:
-    """Parameters, multiply-adds and FLOPs of one image, stage split and NGA initial weights.
+    """Parameters, multiply-adds and FLOPs of one image, the bytes of its model file (with a reference to
+    the backbone file, as the stages write it, and self-contained), stage split and NGA initial weights.
 
     The model is built on the meta device, so this is fast at paper size.
     """
     row = preset_row(preset)
-    model = _build_preset(preset, variant, "meta")
+    with torch.device("meta"):  # built on a CLIP checkpoint, as training does, so its model files can refer to it
+        clip = create_clip(preset_arch(preset))
+        model = build_model(preset_model_config(preset, variant), preset_arch(preset), clip.state_dict())
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     parts = {
@@ -74,6 +84,9 @@ def model_info(preset: str, variant: str = "cascade", image_size: int = 512) -> 
         "flops": flops,
         "macs": flops // 2,
         "gmacs": round(flops / 2e9, 2),
+        "model_file_bytes": file_bytes(model, skip=referenced_keys(model)),
+        "model_file_bytes_self_contained": file_bytes(model),
+        "backbone_file_bytes": sum(v.numel() * v.element_size() for v in clip.state_dict().values()),
         "stages": [list(s) for s in model.stages],
         "aggregators": [type(agg).__name__ for agg in model.head.aggregators],
         "nga_initial_weights": initial_nga_weights(model),
@@ -136,18 +149,8 @@ def _bench(preset, variants, dtype, image_size, runs, warmup, batch_size, device
         images = torch.randn(batch_size, 3, image_size, image_size, device=device)
         classes = torch.nn.functional.normalize(torch.randn(row["num_classes"], model.encoder.embed_dim, device=device), dim=-1)
         autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-        times = []
         with torch.inference_mode(), autocast:
-            for i in range(warmup + runs):
-                if torch.device(device).type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(images, classes)
-                if torch.device(device).type == "cuda":
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-        latency = statistics.median(times)
+            latency = _median_seconds(lambda: model(images, classes), runs=runs, warmup=warmup, device=device)
         results[variant] = {
             "median_latency_s": _significant(latency),
             "images_per_s": round(batch_size / latency, 3),
@@ -194,22 +197,32 @@ def bench_train_step(
             images = torch.randn(batch_size, 3, image_size, image_size, device=device)
             labels = torch.randint(0, row["num_classes"], (batch_size, image_size, image_size), device=device)
             optimizer = torch.optim.AdamW(model.param_groups(2e-4, 0.01, 10.0), lr=2e-4)
-            times = []
-            for i in range(warmup + runs):
-                _sync(device)
-                start = time.perf_counter()
+
+            def train_step() -> None:
                 optimizer.zero_grad(set_to_none=True)
                 segmentation_loss(model(images, classes), labels, LossConfig()).total.backward()
                 optimizer.step()
-                _sync(device)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-            step = statistics.median(times)
+
+            step = _median_seconds(train_step, runs=runs, warmup=warmup, device=device)
             results[variant] = {"median_step_s": _significant(step), "images_per_s": round(batch_size / step, 3),
                                 "classes": row["num_classes"], "peak_rss_mb": round(_peak_rss_mb(), 1), "runs": runs}
             del model, optimizer
         return {"preset": preset, "image_size": image_size, "batch_size": batch_size, "device": device,
                 "torch_threads": torch.get_num_threads(), "variants": results}
+
+
+def _median_seconds(step: Callable[[], object], *, runs: int, warmup: int, device: str) -> float:
+    """Median wall time of `step` over `runs` calls, after `warmup` untimed ones (CUDA synchronised
+    around each call)."""
+    times = []
+    for i in range(warmup + runs):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _significant(seconds: float, digits: int = 4) -> float:

@@ -15,7 +15,6 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -171,21 +170,6 @@ def _convert_one(task: tuple) -> tuple[dict | None, np.ndarray | None, list[Prob
     return row, np.bincount(label.ravel(), minlength=256), []
 
 
-class _SerialPool:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap_unordered(self, fn, items, chunksize=1):
-        return map(fn, items)
-
-
-def _pool(workers: int):
-    return get_context("spawn").Pool(workers) if workers > 1 else _SerialPool()
-
-
 def convert_items(
     dataset: str,
     items: list[Item],
@@ -202,13 +186,15 @@ def convert_items(
     `problems` found while planning (missing pairs) are reported together with the ones found
     here; any problem raises BadFilesError after the whole pass (the caller discards `root`).
     """
+    from pipeline.data.prepared import worker_pool  # not needed in the workers
+
     problems = list(problems or [])
     for split in sorted({item.split for item in items}):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
     rows, pixels = [], np.zeros(256, dtype=np.int64)
     tasks: Iterator[tuple] = ((item, reader, labels, root) for item in items)
-    with _pool(workers) as pool, tqdm(total=len(items), desc=f"converting {dataset}", unit="img",
+    with worker_pool(workers) as pool, tqdm(total=len(items), desc=f"converting {dataset}", unit="img",
                                       disable=not progress) as bar:
         for row, counts, found in pool.imap_unordered(_convert_one, tasks, chunksize=16):
             if found:

@@ -13,9 +13,13 @@ detail API's getMask returns). The catalog's `full_label_ids` map the 59 classes
 other category become 255 (ignored); a category id the file does not define is out of range.
 Splits come from each image's `phase` (4,996 train / 5,104 val in the standard release).
 
-The RLE decoder is written here (the detail API is not on PyPI); it follows the compressed format
-of the COCO API: counts of alternating 0/1 runs over the column-major mask, each count written as
-5-bit groups in characters from '0', with counts after the second stored as differences.
+The RLE decoder is written here; it follows the compressed format of the COCO API: counts of
+alternating 0/1 runs over the column-major mask, each count written as 5-bit groups in characters
+from '0', with counts after the second stored as differences. The detail API is not on PyPI, and
+pycocotools' `mask.decode` (which is) checks nothing: a string cut short decodes without an error,
+and counts that cover fewer pixels than the mask leave the rest as it was in memory (2.0.11). A
+corrupt mask must be a named error, and checking the counts takes parsing them, which is all the
+decoding there is; tests/test_rle_matches_pycocotools.py holds this decoder to pycocotools' results.
 """
 
 from __future__ import annotations
@@ -70,28 +74,6 @@ def rle_counts(text: str) -> list[int]:
             value += counts[-2]
         counts.append(value)
     return counts
-
-
-def rle_encode(mask: np.ndarray) -> dict:
-    """Compressed COCO RLE of a binary mask [H, W] (the inverse of `decode_segmentation`)."""
-    flat = np.asarray(mask, dtype=bool).ravel(order="F")
-    changes = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts = [0] + counts
-    chars = []
-    for i, count in enumerate(counts):
-        value = count - counts[i - 2] if i > 2 else count
-        more = True
-        while more:
-            chunk = value & 0x1F
-            value >>= 5
-            more = value != -1 if chunk & 0x10 else value != 0
-            if more:
-                chunk |= 0x20
-            chars.append(chr(chunk + 48))
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": "".join(chars)}
 
 
 def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:

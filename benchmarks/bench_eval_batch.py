@@ -1,6 +1,6 @@
 """Evaluation speed at evaluate.batch_size 1 against larger batches, side by side in one process.
 
-    python scripts/bench_eval_batch.py [MODEL] [--sizes 1 8] [--threads 2]
+    python -m benchmarks.bench_eval_batch [MODEL] [--sizes 1 8] [--threads 2]
 
 Scores the demo val split (the evaluate stage's work for one model) with the trained model
 (default artifacts/train/model.safetensors) and prints images/s per batch size, the speed-up
@@ -11,38 +11,29 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from pipeline.config import load_params
-from pipeline.data.prepared import ClassInfo, read_manifest
+from benchmarks._demo import INDUCTIVE, PREPARED, load_scoring
+from pipeline.data.prepared import read_manifest
 from pipeline.engine.evaluate import evaluate
-from pipeline.engine.setup import load_text_embeddings, normalizer
-from pipeline.model import load
-from pipeline.weights import read_backbone_meta
-from stages.evaluate import BACKBONE, INDUCTIVE, PREPARED, TEXT
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", nargs="?", default=INDUCTIVE)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("model", nargs="?", default=str(INDUCTIVE), help="model file (default: %(default)s)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8], help="evaluate.batch_size values")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    params = load_params("params.yaml")
-    root = Path(PREPARED)
-    classes = ClassInfo.read(root / "classes.json")
-    embeddings = load_text_embeddings(Path(TEXT), classes)
-    normalize = normalizer(params.train.normalization, read_backbone_meta(Path(BACKBONE)))
-    model = load(Path(args.model)).eval()
-    n_images = len(read_manifest(root, "val"))
+    scoring = load_scoring(args.model)
+    n_images = len(read_manifest(PREPARED, "val"))
     first = None
     for size in args.sizes:
-        cfg = params.evaluate.model_copy(update={"batch_size": size})
+        cfg = scoring.params.evaluate.model_copy(update={"batch_size": size})
         start = time.perf_counter()
-        [result] = evaluate(model, embeddings, root, classes, cfg=cfg, normalize=normalize, progress=False)
+        [result] = evaluate(scoring.model, scoring.embeddings, PREPARED, scoring.classes, cfg=cfg,
+                            normalize=scoring.normalize, progress=False)
         seconds = time.perf_counter() - start
         first = first or (seconds, result.metrics)
         same = all(abs(result.metrics[k] - first[1][k]) < 1e-6 for k in result.metrics)

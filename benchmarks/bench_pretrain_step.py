@@ -1,6 +1,6 @@
 """Toy-CLIP pretraining step time: what each speed-up of the backbone stage buys, side by side.
 
-    python scripts/bench_pretrain_step.py [--steps 6] [--threads 2]
+    python -m benchmarks.bench_pretrain_step [--steps 6] [--threads 2]
 
 Times one contrastive step of the default toy CLIP (params.yaml's clip.toy, random weights, a
 batch of demo captions) with: open_clip's plain forward and for-each AdamW; each distinct caption

@@ -1,6 +1,6 @@
 """Benchmark of the VOC converter on realistic-size fake data (run by hand, not in the tests).
 
-    .venv/bin/python scripts/bench_convert.py --n 500 --workers 2
+    python -m benchmarks.bench_convert --n 500 --workers 2
 
 Builds a fake VOCtrainval_11-May-2012.tar and benchmark.tgz with N images of 500x375 pixels (a
 third VOC train, a third VOC val, a third SBD-only with .mat labels; labels are a few solid
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import resource
-import sys
 import tarfile
 import tempfile
 import time
@@ -25,13 +24,11 @@ import numpy as np
 from PIL import Image
 from skimage.draw import ellipse
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.config import DatasetConfig  # noqa: E402
-from pipeline.data.catalog import get_dataset  # noqa: E402
-from pipeline.data.download import locate_sources  # noqa: E402
-from pipeline.data.prepared import prepare_dataset  # noqa: E402
-from tests.fake_datasets import add_bytes, palette_png_bytes, sbd_mat_bytes  # noqa: E402
+from pipeline.config import DatasetConfig
+from pipeline.data.catalog import get_dataset
+from pipeline.data.download import locate_sources
+from pipeline.data.prepared import prepare_dataset
+from tests.fake_datasets import add_bytes, palette_png_bytes, sbd_mat_bytes
 
 HEIGHT, WIDTH = 375, 500
 

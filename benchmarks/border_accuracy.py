@@ -1,6 +1,6 @@
 """Pixel accuracy on object borders against object interiors, for a trained model on the val split.
 
-    python scripts/border_accuracy.py [MODEL]   (default artifacts/train/model.safetensors, uncalibrated)
+    python -m benchmarks.border_accuracy [MODEL] [--threads 1]   (default artifacts/train/model.safetensors, uncalibrated)
 
 Border pixels are object pixels within 4 pixels of another label (background included): there a
 patch token mixes the object with what surrounds it. Run after `dvc repro evaluate`.
@@ -8,35 +8,30 @@ patch token mixes the object with what surrounds it. Run after `dvc repro evalua
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-from pipeline.config import load_params
-from pipeline.data.prepared import ClassInfo, read_manifest
+from benchmarks._demo import INDUCTIVE, PREPARED, load_scoring
+from pipeline.data.prepared import read_manifest
 from pipeline.engine.evaluate import predict_split
-from pipeline.engine.setup import load_text_embeddings, normalizer
-from pipeline.model import load
-from pipeline.weights import read_backbone_meta
-from stages.evaluate import BACKBONE, INDUCTIVE, PREPARED, TEXT
 
 BORDER_PX = 4
 
 
 def main() -> None:
-    model_file = Path(sys.argv[1] if len(sys.argv) > 1 else INDUCTIVE)
-    params = load_params("params.yaml")
-    root = Path(PREPARED)
-    classes = ClassInfo.read(root / "classes.json")
-    embeddings = load_text_embeddings(Path(TEXT), classes)
-    normalize = normalizer(params.train.normalization, read_backbone_meta(Path(BACKBONE)))
-    model = load(model_file).eval()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default=str(INDUCTIVE), help="model file (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    scoring = load_scoring(args.model)
     counts = {"border": [0, 0], "interior": [0, 0]}  # [right, all]
-    for _, _, label, scores in predict_split(model, embeddings, root, read_manifest(root, "val"), cfg=params.evaluate,
-                                             normalize=normalize, desc="border accuracy"):
+    for _, _, label, scores in predict_split(scoring.model, scoring.embeddings, PREPARED, read_manifest(PREPARED, "val"),
+                                             cfg=scoring.params.evaluate, normalize=scoring.normalize,
+                                             desc="border accuracy"):
         pred = scores.argmax(0).numpy()
         inside = label != 255
         border = np.zeros_like(inside)
@@ -53,5 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     main()

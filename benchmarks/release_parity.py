@@ -19,7 +19,7 @@ large enough that the logits are of order 1-10. Writes
 The golden file in tests/data was made from release commit
 dadf40dcf1d596bede8e53e389250104eccce24b (HVision-NKU/Cascade-CLIP, "Update README.md") with
 
-    python scripts/release_parity.py RELEASE_REPO --out tests/data/release_golden
+    python -m benchmarks.release_parity RELEASE_REPO --out tests/data/release_golden
 
 where RELEASE_REPO is a fetched copy of it (torch 2.14.1, timm 1.0.31, CPU): a git directory (a bare mirror or a clone's .git; HEAD
 is read with `git archive`) or a plain checkout. Nothing here is imported by the project.
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "release": {"repository": RELEASE_REPO, "commit": commit, "config": config},
         "ours": our_configs(),
-        "command": "python scripts/release_parity.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.release_parity " + " ".join(sys.argv[1:] if argv is None else argv),
         "torch": torch.__version__,
         "seed": SEED,
         "decoder_q_scale": factor,

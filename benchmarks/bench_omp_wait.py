@@ -1,6 +1,6 @@
 """How OpenMP's wait policy changes a demo training step, alone and with a second process beside it.
 
-    python scripts/bench_omp_wait.py [--steps 40] [--threads 2]
+    python -m benchmarks.bench_omp_wait [--steps 40] [--threads 2]
 
 Each setting runs the default demo model (a randomly initialised toy CLIP with prompts and
 cascade head, params.yaml's model/loss/crop) for `--steps` training steps on a fixed synthetic
@@ -65,7 +65,7 @@ def child(steps: int, threads: int) -> None:
 
 def measure(env_extra: dict[str, str], copies: int, steps: int, threads: int) -> list[float]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | env_extra
-    cmd = [sys.executable, __file__, "--child", "--steps", str(steps), "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_omp_wait", "--child", "--steps", str(steps), "--threads", str(threads)]
     procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(copies)]
     outs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
