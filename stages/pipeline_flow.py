@@ -194,7 +194,9 @@ def pipeline(
         if has_remote:  # outputs and run history for the other machines
             print(run_dvc(["push", "--run-cache"], cwd, tracking_env))
         if is_local_project(source) or has_remote:  # the experiment's commit (and, with a remote, its outputs)
-            print(run_dvc(["exp", "push", *([] if has_remote else ["--no-cache"]), "origin", name], cwd, tracking_env))
+            # --force: a scheduled deployment runs under the same name every time; the project keeps the latest
+            print(run_dvc(["exp", "push", "--force", *([] if has_remote else ["--no-cache"]), "origin", name], cwd,
+                          tracking_env))
     title = f"cascade-clip {preset or 'params.yaml'}" + (f" ({name})" if name else "")
     create_markdown_artifact(markdown=summary_markdown(metrics, title), key="cascade-clip-metrics",
                              description="final mIoU^S / mIoU^U / hIoU of the pipeline run")

@@ -59,6 +59,9 @@ def test_pipeline_flow_returns_the_metrics_and_runs_overrides_as_a_dvc_experimen
     assert not list((tmp_path / "runs" / "cascade-clip-runs").iterdir())  # the clone is removed
     shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=run.repo, env=run.env, capture_output=True, text=True)
     assert "no-calibration" in shown.stdout, shown.stderr
+    # a scheduled deployment runs under the same name again: it runs (from DVC's run cache) and replaces the ref
+    assert pipeline(overrides={"evaluate.calibration": 0.0}, experiment_name="no-calibration",
+                    project_dir=str(run.repo)) == metrics
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import TAG_GROUP, TAG_PARENT_RUN, TAG_PREFECT_FLOW_RUN, TAG_ROLE, TAG_STAGE
