@@ -59,21 +59,25 @@ def test_pipeline_flow_returns_the_metrics_and_runs_overrides_as_a_dvc_experimen
     assert not list((tmp_path / "runs" / "cascade-clip-runs").iterdir())  # the clone is removed
     shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=run.repo, env=run.env, capture_output=True, text=True)
     assert "no-calibration" in shown.stdout, shown.stderr
-    # a scheduled deployment runs under the same name again: it runs (from DVC's run cache) and replaces the ref
-    assert pipeline(overrides={"evaluate.calibration": 0.0}, experiment_name="no-calibration",
-                    project_dir=str(run.repo)) == metrics
+    # a deployment runs under the same name again, with other settings: the project's ref becomes the new run's
+    again = pipeline(overrides={"evaluate.calibration": 0.05}, experiment_name="no-calibration", project_dir=str(run.repo))
+    assert again["inductive"] != metrics["inductive"]
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname)", "refs/exps/**/no-calibration"], cwd=run.repo,
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert len(refs) == 1
+    pushed = subprocess.run(["git", "show", f"{refs[0]}:params.yaml"], cwd=run.repo, capture_output=True, text=True).stdout
+    assert "calibration: 0.05" in pushed
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import TAG_GROUP, TAG_PARENT_RUN, TAG_PREFECT_FLOW_RUN, TAG_ROLE, TAG_STAGE
 
     client = MlflowClient(run.env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("cascade-clip").experiment_id])
-    [evaluation] = [r for r in runs if TAG_STAGE in r.data.tags]
+    [evaluation] = [r for r in runs if TAG_STAGE in r.data.tags and r.data.params["evaluate.calibration"] == "0.0"]
     assert evaluation.data.tags[TAG_STAGE] == "evaluate"
-    assert evaluation.data.params["evaluate.calibration"] == "0.0"
     # nested under the flow's execution: named after the DVC experiment, tagged with the flow run
-    [parent] = [r for r in runs if TAG_ROLE in r.data.tags]
-    assert evaluation.data.tags[TAG_PARENT_RUN] == parent.info.run_id and parent.info.run_name == "no-calibration"
+    [parent] = [r for r in runs if r.info.run_id == evaluation.data.tags[TAG_PARENT_RUN]]
+    assert TAG_ROLE in parent.data.tags and parent.info.run_name == "no-calibration"
     assert parent.data.tags[TAG_GROUP].startswith("flow-") and len(parent.data.tags[TAG_PREFECT_FLOW_RUN]) == 36
     assert parent.data.metrics["hIoU"] == pytest.approx(metrics["self_train"]["hIoU"])
 
