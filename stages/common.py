@@ -273,7 +273,7 @@ def run_stage(
                 stage_flow(name, main, sections, root, log_all_params)(params.model_dump(mode="json"))
     except CascadeError as exc:
         print(f"error [{name}]: {exc}", file=sys.stderr)
-        return EXIT_TRANSIENT if getattr(exc, "transient", False) else 1
+        return EXIT_TRANSIENT if exc.transient else 1
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
