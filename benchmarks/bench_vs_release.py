@@ -25,7 +25,8 @@ rows, the same for both.
    - one training step at batch 2: the forward in train mode, the mean logit as the loss,
      backward, AdamW over the model's trainable parameters; median of --train-runs.
 3. The machine's fp32 peak, before and after the timings: the median of ten 2048x2048 matmuls,
-   in GFLOP/s; the forward's GFLOP for one image (torch.utils.flop_counter, attention counted
+   in GFLOP/s, by torch.mm (MKL) and by oneDNN's linear (which our frozen blocks use; on this
+   project's CPUs it is the faster one), the peak being the largest; the forward's GFLOP for one image (torch.utils.flop_counter, attention counted
    through its math path, since the counter has no formula for the CPU's fused kernel), and the
    fraction of the peak each model reaches.
 
@@ -74,6 +75,7 @@ from benchmarks.release_parity import (
 from pipeline.config import ModelConfig
 from pipeline.data.catalog import get_dataset
 from pipeline.model import CascadeCLIP, load
+from pipeline.model.frozen_linear import ONEDNN, onednn
 from pipeline.model.presets import preset_arch, preset_model_config
 from pipeline.model.release import import_release_checkpoint
 
@@ -258,12 +260,16 @@ def interleaved(calls: dict[str, Callable[[], object]], *, runs: int, warmup: in
     return times
 
 
-def matmul_gflops(side: int = PEAK_SIDE, runs: int = 10) -> float:
-    """fp32 GFLOP/s of a side x side matmul (median of `runs` after two untimed)."""
+def matmul_gflops(side: int = PEAK_SIDE, runs: int = 10) -> dict[str, float]:
+    """fp32 GFLOP/s of a side x side matmul (median of `runs` after two untimed), by torch.mm (MKL)
+    and, where torch has it, by oneDNN's linear (the library our frozen blocks use)."""
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(side, side, generator=gen), torch.randn(side, side, generator=gen)
-    seconds = statistics.median(interleaved({"mm": lambda: a @ b}, runs=runs, warmup=2)["mm"])
-    return 2 * side**3 / seconds / 1e9
+    calls = {"torch.mm": lambda: a @ b}
+    if ONEDNN:
+        calls["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    times = interleaved(calls, runs=runs, warmup=2)
+    return {name: 2 * side**3 / statistics.median(t) / 1e9 for name, t in times.items()}
 
 
 @contextlib.contextmanager
@@ -280,8 +286,9 @@ def attention_counted() -> Iterator[None]:
 
 
 def forward_flops(call: Callable[[], object]) -> int:
-    """FLOPs of one call (with grad enabled: the counter's module tracker fails on parameters under no_grad)."""
-    with attention_counted(), FlopCounterMode(display=False) as counter:
+    """FLOPs of one call (with grad enabled: the counter's module tracker fails on parameters under no_grad;
+    our frozen linear layers through torch's matmul, which the counter knows)."""
+    with attention_counted(), onednn(False), FlopCounterMode(display=False) as counter:
         call()
     return counter.get_total_flops()
 
@@ -311,7 +318,7 @@ def measure(pair: Pair, *, batches: list[int], runs: int, train_runs: int) -> di
     images = torch.randn(TRAIN_BATCH, 3, side, side, generator=gen)
     timings[f"training step, batch {TRAIN_BATCH}"] = interleaved(train_calls(pair, images), runs=train_runs)
     out["peak_gflops_after"] = matmul_gflops()
-    peak = max(out["peak_gflops_before"], out["peak_gflops_after"])
+    peak = max(*out["peak_gflops_before"].values(), *out["peak_gflops_after"].values())
     out["timings"] = {name: medians(t) for name, t in timings.items()}
     out["fraction_of_peak"] = {}
     for batch in batches:
@@ -319,6 +326,31 @@ def measure(pair: Pair, *, batches: list[int], runs: int, train_runs: int) -> di
         out["fraction_of_peak"][f"batch {batch}"] = {
             name: out["forward_flops"][name] * batch / seconds[f"{name}_s"] / 1e9 / peak for name in ("release", "ours")
         }
+    return out
+
+
+def profiles(pair: Pair, *, rows: int = 10) -> dict[str, str]:
+    """torch.profiler's top `rows` operators by self CPU time, per model, for one inference at batch 1
+    and one training step at batch TRAIN_BATCH (each after one unprofiled call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(SEED + 2)
+    side = pair.image_size
+    out = {}
+
+    def profiled(title: str, call: Callable[[], object]) -> None:
+        call()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            call()
+        out[title] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)
+
+    pair.release.eval()
+    pair.ours.eval()
+    with torch.no_grad():
+        for name, call in inference_calls(pair, torch.randn(1, 3, side, side, generator=gen)).items():
+            profiled(f"{name}, inference, batch 1", call)
+    for name, call in train_calls(pair, torch.randn(TRAIN_BATCH, 3, side, side, generator=gen)).items():
+        profiled(f"{name}, training step, batch {TRAIN_BATCH}", call)
     return out
 
 
@@ -341,8 +373,9 @@ def report(result: dict) -> str:
                      f"(allowed: {d['allowed_abs']:.3g})")
     if "timings" not in result:
         return "\n".join(lines)
-    lines.append(f"fp32 matmul {PEAK_SIDE}x{PEAK_SIDE}: {result['peak_gflops_before']:.1f} GFLOP/s before, "
-                 f"{result['peak_gflops_after']:.1f} after (peak: the larger)")
+    peaks = ", ".join(f"{name} {result['peak_gflops_before'][name]:.1f} before, {result['peak_gflops_after'][name]:.1f} after"
+                      for name in result["peak_gflops_before"])
+    lines.append(f"fp32 matmul {PEAK_SIDE}x{PEAK_SIDE}, GFLOP/s: {peaks} (peak: the largest)")
     lines += ["", f"{'median (s)':<26}{'release':>12}{'ours':>12}{'ours/release':>14}{'runs':>6}"]
     for name, t in result["timings"].items():
         runs = len(t["runs_ours_s"])
@@ -378,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"release_parity's tiny network ({IMAGE}x{IMAGE}, {len(ALL_CLASSES)} classes; "
                              "--image-size and --classes ignored)")
     parser.add_argument("--json", type=Path, help="also write the result to this JSON file")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's top 10 operators (self CPU time) of each model's inference "
+                             "at batch 1 and training step")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
     # the release imports timm.models.layers, which timm deprecates
@@ -398,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         "load_after": os.getloadavg()[0],
     }
     print(report(result))
+    if args.profile and not parity_failures(result["parity"]):
+        result["profiles"] = profiles(pair)
+        for title, table in result["profiles"].items():
+            print(f"\nprofile: {title}\n{table}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")

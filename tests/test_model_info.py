@@ -9,7 +9,10 @@ def test_paper_size_coco_model_info():
     # + 3 decoders x (2 x 3,152,384 + 525,312)
     assert info["params_trainable"] == 23_117_574
     assert info["params_total"] == pytest.approx(175.74e6, rel=1e-4)
-    assert info["gmacs"] == pytest.approx(125.0, rel=0.03)
+    # METHOD.md: 125.0 G for the release's network without its dead code. Our blocks also skip what
+    # no output uses: the 50 prompt tokens' queries, attention rows, output projection and MLP,
+    # 50 x (768^2 + 768^2 + 2 x 768 x 3072 + 2 x 1075 x 768) = 377.4M per block, 4.53 G in 12 blocks
+    assert info["gmacs"] == pytest.approx(124.85 - 4.53, abs=0.01)  # 124.85 G before this skip
     assert info["macs"] * 2 == info["flops"]
     assert info["stages"] == [[6, 8], [9, 11], [12, 12]]
     assert info["nga_initial_weights"] == [[0.1353, 0.6065, 1.0], [0.1353, 0.6065, 1.0], None]

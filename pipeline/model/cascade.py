@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,23 +14,53 @@ from pipeline.model.image_encoder import PromptedVisionEncoder
 from pipeline.model.text_encoder import TextEncoder, average_class_embeddings
 
 
-def calibrated_scores(logits: torch.Tensor, seen_mask: torch.Tensor | None = None, calibration: float = 0.0) -> torch.Tensor:
-    """sigmoid(logits) [B, C, ...] minus `calibration` on the classes where seen_mask [C] is true."""
-    scores = logits.sigmoid()
+def calibrated_scores(
+    logits: torch.Tensor, seen_mask: torch.Tensor | None = None, calibration: float = 0.0, *, inplace: bool = False
+) -> torch.Tensor:
+    """sigmoid(logits) [B, C, ...] minus `calibration` on the classes where seen_mask [C] is true.
+
+    `inplace` turns `logits` itself into the scores when autograd does not need it (no new tensor
+    of the input size: on the CPU, touching a fresh one costs more than the arithmetic)."""
+    differentiable = torch.is_grad_enabled() and logits.requires_grad
+    scores = logits.sigmoid_() if inplace and not differentiable else logits.sigmoid()
     if seen_mask is not None and calibration:
         shape = (1, -1) + (1,) * (logits.dim() - 2)
-        scores = scores - calibration * seen_mask.to(scores.device, scores.dtype).reshape(shape)
+        shift = calibration * seen_mask.to(scores.device, scores.dtype).reshape(shape)
+        scores = scores - shift if differentiable else scores.sub_(shift)  # scores is ours to change
     return scores
 
 
-@dataclass
 class SegOutput:
-    """What the model returns for a batch."""
+    """What the model returns for a batch: every decoder layer's masks, and M at the input size.
 
-    logits: torch.Tensor
-    """M: sum of the stage masks, bilinearly upsampled to the input size [B, C, H, W] (pre-sigmoid)"""
-    layer_logits: list[list[torch.Tensor]]
-    """per stage, per decoder layer, mask logits at feature resolution [B, C, h, w]"""
+    M is computed when `logits` is first read; `scores` of an output whose M was never read
+    computes them without keeping M (inference needs only the scores)."""
+
+    def __init__(
+        self,
+        *,
+        layer_logits: list[list[torch.Tensor]],
+        logits: torch.Tensor | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        """
+        Args:
+            layer_logits: per stage, per decoder layer, mask logits at feature resolution [B, C, h, w].
+            logits: M [B, C, H, W] when already known; else computed from the stage masks.
+            size: input size (H, W) that M is upsampled to (needed without `logits`).
+        """
+        if logits is None and size is None:
+            raise ValueError("SegOutput needs the logits or the input size to compute them at")
+        self.layer_logits = layer_logits
+        self._logits = logits
+        self.size = tuple(logits.shape[-2:]) if logits is not None else tuple(size)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """M: sum of the stage masks, bilinearly upsampled to the input size [B, C, H, W] (pre-sigmoid)."""
+        if self._logits is None:
+            self._logits = self._upsampled()
+        return self._logits
 
     @property
     def stage_logits(self) -> list[torch.Tensor]:
@@ -40,7 +69,13 @@ class SegOutput:
 
     def scores(self, calibration: float = 0.0, seen_mask: torch.Tensor | None = None) -> torch.Tensor:
         """sigmoid(M) [B, C, H, W], minus `calibration` on seen classes (seen_mask [C] bool)."""
-        return calibrated_scores(self.logits, seen_mask, calibration)
+        if self._logits is not None:
+            return calibrated_scores(self._logits, seen_mask, calibration)
+        return calibrated_scores(self._upsampled(), seen_mask, calibration, inplace=True)
+
+    def _upsampled(self) -> torch.Tensor:
+        masks = torch.stack(self.stage_logits).sum(dim=0)
+        return F.interpolate(masks, size=self.size, mode="bilinear", align_corners=False)
 
 
 class CascadeCLIP(nn.Module):
@@ -87,10 +122,8 @@ class CascadeCLIP(nn.Module):
         # encoder, then every stage's decoder
         features = self.encoder(images)
         layer_logits = self.head(features, class_embeddings)
-        # M = sum of stage masks, at input resolution
-        masks = torch.stack([layers[-1] for layers in layer_logits]).sum(dim=0)
-        logits = F.interpolate(masks, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return SegOutput(logits=logits, layer_logits=layer_logits)
+        # M = sum of stage masks at input resolution, computed when asked for
+        return SegOutput(layer_logits=layer_logits, size=tuple(images.shape[-2:]))
 
     @torch.no_grad()
     def predict(

@@ -8,10 +8,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import LayerNorm, VisionTransformer
+from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock, VisionTransformer
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from pipeline.model.frozen_linear import frozen_linear
 from pipeline.model.prompts import DeepVisualPrompts
 
 
@@ -40,12 +41,56 @@ def resize_position_embedding(pos: torch.Tensor, src: tuple[int, int], dst: tupl
     return resized[0]
 
 
+def prompted_block(block: ResidualAttentionBlock, x: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+    """One open_clip residual block on tokens x [B, N, W] with prompt tokens [B, P, W] as extra keys
+    and values; returns x's tokens [B, N, W] (what the block gives them with the prompts among its
+    inputs; the prompts' own outputs are not computed).
+
+    The same function as `block(torch.cat([x, prompts], 1))[:, :N]`, computed batch-first with
+    contiguous operands: the queries, attention rows, output projection and MLP cover only x's N
+    tokens, attention goes through scaled_dot_product_attention (its fused kernels on CPU and CUDA),
+    the linear layers through `frozen_linear` (oneDNN on the CPU), and none of them sees a
+    transposed input (on which autograd's matmul falls back to one tiny matmul per token). Needs
+    the block's weights frozen for the oneDNN path; with trainable ones it is plain torch.
+    """
+    attn = block.attn
+    if getattr(block, "ln_1_kv", None) is not None or not attn._qkv_same_embed_dim:
+        raise ValueError("prompted_block needs a self-attention block with one packed in-projection")
+    batch, tokens, width = x.shape
+    heads = attn.num_heads
+    q, k, v = frozen_linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    if prompts is not None:
+        kv_prompts = frozen_linear(block.ln_1(prompts), attn.in_proj_weight[width:], attn.in_proj_bias[width:])
+        k_prompts, v_prompts = kv_prompts.chunk(2, dim=-1)
+        k, v = torch.cat([k, k_prompts], dim=1), torch.cat([v, v_prompts], dim=1)
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # [B, heads, tokens, head width]
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if block.training else 0.0)
+    out = frozen_linear(out.transpose(1, 2).reshape(batch, tokens, width), attn.out_proj.weight, attn.out_proj.bias)
+    x = x + block.ls_1(out)
+    return x + block.ls_2(_mlp(block.mlp, block.ln_2(x)))
+
+
+_QUICK_GELU = 1.702  # QuickGELU(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702
+
+
+def _mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's MLP (c_fc, activation, c_proj) through `frozen_linear`. With QuickGELU (OpenAI's
+    CLIP) the activation is one silu, its two scales riding in the linear layers, instead of
+    three elementwise passes forward and five backward over the widest tensor."""
+    fc, proj = mlp.c_fc, mlp.c_proj
+    if not isinstance(mlp.gelu, QuickGELU):
+        return frozen_linear(mlp.gelu(frozen_linear(x, fc.weight, fc.bias)), proj.weight, proj.bias)
+    hidden = frozen_linear(x, fc.weight, fc.bias * _QUICK_GELU, scale=_QUICK_GELU)
+    hidden = F.silu(hidden, inplace=not torch.is_grad_enabled())
+    return frozen_linear(hidden, proj.weight, proj.bias, scale=1 / _QUICK_GELU)
+
+
 class PromptedVisionEncoder(nn.Module):
     """CLIP's ViT (weights taken from an open_clip `VisionTransformer`) with deep prompts and taps.
 
-    Token layout inside the blocks: [CLS, P prompt tokens, h*w patch tokens]. Attention runs in
-    open_clip's residual blocks (nn.MultiheadAttention, which dispatches to torch's fused
-    scaled_dot_product_attention). A tapped block's hidden state passes the prompt norm, its own
+    Each block sees [CLS, h*w patch tokens] with its P prompt tokens as extra keys and values
+    (`prompted_block`: open_clip's residual block computed for the tokens whose outputs are used).
+    A tapped block's hidden state passes the prompt norm, its own
     LayerNorm and a width->embed_dim projection without bias; the final state passes the prompt
     norm, CLIP's ln_post and proj. Patch tokens and the CLS embedding come out L2-normalised.
     """
@@ -154,21 +199,20 @@ class PromptedVisionEncoder(nn.Module):
         x = torch.cat([cls.expand(batch, 1, -1), x + pos[1:]], dim=1)
         x = self.ln_pre(x)
 
-        # blocks, each with a fresh prompt set; taps after the prompt norm
+        # blocks, each with a fresh prompt set; taps after the prompt norm. x holds [CLS, patches]
+        # only: a block's prompt tokens are keys and values, never queries (their outputs would be
+        # replaced by the next set), so no block computes outputs for them.
         taps: dict[int, torch.Tensor] = {}
-        num_prompts = 0
         for index, block in enumerate(self.transformer.resblocks):
-            if self.prompts is not None:
-                x = torch.cat([x[:, :1], self.prompts(index, batch), x[:, 1 + num_prompts :]], dim=1)
-                num_prompts = self.prompts.num_tokens
-            x = block(x)
+            prompts = self.prompts(index, batch) if self.prompts is not None else None
+            x = prompted_block(block, x, prompts)
             if index + 1 in self.tap_blocks:
                 tap = self.tap_blocks.index(index + 1)
-                patches = self._prompt_norm(x[:, -h * w :])
+                patches = self._prompt_norm(x[:, 1:])
                 taps[index + 1] = F.normalize(self.tap_norms[tap](patches) @ self.tap_proj[tap], dim=-1)
 
         # last block: prompt norm, ln_post, CLIP's projection
-        x = self.ln_post(self._prompt_norm(torch.cat([x[:, :1], x[:, -h * w :]], dim=1))) @ self.proj
+        x = self.ln_post(self._prompt_norm(x)) @ self.proj
         taps[self.depth] = F.normalize(x[:, 1:], dim=-1)
         pooled = x[:, 1:].mean(dim=1) if self.pool_type == "avg" else x[:, 0]
         return VisualFeatures(blocks=taps, global_embedding=F.normalize(pooled, dim=-1), grid=(h, w))

@@ -1,0 +1,123 @@
+"""The encoder's fast paths compute the same functions as the plain modules they replace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+
+from pipeline.model import SegOutput
+from pipeline.model.frozen_linear import ONEDNN, frozen_linear
+from pipeline.model.image_encoder import prompted_block
+from tests.tiny import class_embeddings, images, tiny_model
+
+
+def _frozen_block(act: type[torch.nn.Module], width: int = 32, heads: int = 4) -> ResidualAttentionBlock:
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(width, heads, act_layer=act)
+    return block.requires_grad_(False)
+
+
+@pytest.mark.parametrize("act", [QuickGELU, torch.nn.GELU])
+@pytest.mark.parametrize("training", [False, True])
+def test_prompted_block_is_the_block_on_tokens_and_prompts_cut_to_the_tokens(act, training, onednn_for_any_size):
+    block = _frozen_block(act).train(training)
+    x = torch.randn(3, 17, 32)
+    prompts = torch.randn(3, 5, 32, requires_grad=True)
+    reference = block(torch.cat([x, prompts], dim=1))[:, :17]
+    ours = prompted_block(block, x, prompts)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(reference)
+    (expected,) = torch.autograd.grad(reference, prompts, grad)
+    (got,) = torch.autograd.grad(ours, prompts, grad)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prompted_block(block, x, None), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_prompted_block_refuses_a_cross_attention_block():
+    block = ResidualAttentionBlock(32, 4, is_cross_attention=True)
+    with pytest.raises(ValueError, match="self-attention block"):
+        prompted_block(block, torch.randn(1, 4, 32), None)
+
+
+@pytest.fixture
+def onednn_for_any_size(monkeypatch):
+    """oneDNN's path for the small tensors of these tests."""
+    monkeypatch.setattr("pipeline.model.frozen_linear.MIN_MACS", 0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.702])
+def test_frozen_linear_matches_f_linear_with_its_gradient(scale, onednn_for_any_size):
+    torch.manual_seed(1)
+    weight, bias = torch.randn(24, 16), torch.randn(24)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    expected = scale * F.linear(x, weight) + bias
+    got = frozen_linear(x, weight, bias, scale=scale)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(expected, x, grad)[0],
+                               rtol=1e-5, atol=1e-5)
+    # a transposed weight view, as the backward pass uses it
+    torch.testing.assert_close(frozen_linear(x.detach(), weight.t().contiguous().t()), F.linear(x.detach(), weight),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_linear_leaves_trainable_weights_and_autocast_to_torch():
+    weight = torch.randn(8, 4, requires_grad=True)
+    x = torch.randn(3, 4)
+    out = frozen_linear(x, weight)
+    out.sum().backward()  # a trainable weight gets its gradient (the plain path)
+    torch.testing.assert_close(weight.grad, x.sum(0).expand(8, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert frozen_linear(x, weight.detach()).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
+def test_frozen_linear_takes_onednn_for_frozen_fp32_cpu_weights():
+    from torch.profiler import profile
+
+    from pipeline.model.frozen_linear import MIN_MACS
+
+    rows = MIN_MACS // (64 * 64)
+    with profile() as prof:
+        frozen_linear(torch.randn(rows, 64), torch.randn(64, 64), torch.randn(64))
+    assert any("mkldnn::_linear_pointwise" in e.key for e in prof.key_averages())
+    with profile() as prof:  # too small to gain: MKL
+        frozen_linear(torch.randn(rows - 1, 64), torch.randn(64, 64), torch.randn(64))
+    assert not any("mkldnn" in e.key for e in prof.key_averages())
+
+
+def test_inference_scores_without_logits_equal_the_scores_of_the_logits():
+    model = tiny_model().eval()
+    x, t = images(2, 32), class_embeddings(4)
+    seen = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        lazy = model(x, t).scores(0.1, seen)  # M never read: computed in place
+        out = model(x, t)
+        logits = out.logits.clone()
+        eager = out.scores(0.1, seen)
+    expected = logits.sigmoid() - 0.1 * seen.float().reshape(1, -1, 1, 1)
+    torch.testing.assert_close(lazy, expected)
+    torch.testing.assert_close(eager, expected)
+    assert torch.equal(out.logits, logits)  # scores of a read M leave M alone
+
+
+def test_scores_stay_differentiable():
+    model = tiny_model().train()
+    scores = model(images(1, 32), class_embeddings(4)).scores(0.1, torch.tensor([True, False, True, False]))
+    scores.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters())
+
+
+def test_an_output_needs_logits_or_a_size():
+    with pytest.raises(ValueError, match="input size"):
+        SegOutput(layer_logits=[])
+
+
+def test_frozen_linear_can_be_held_to_plain_torch():
+    from torch.profiler import profile
+
+    from pipeline.model.frozen_linear import onednn
+
+    with onednn(False), profile() as prof:
+        frozen_linear(torch.randn(1 << 16, 64), torch.randn(64, 64), torch.randn(64))
+    assert not any("mkldnn" in e.key for e in prof.key_averages())
