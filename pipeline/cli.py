@@ -72,12 +72,48 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                   runs=args.runs, warmup=args.warmup, device=args.device, threads=args.threads)
         _print_json(result, args.json)
         return 0
+    old_amp = {"fp32": "none", "bf16": "bf16", None: None}[args.dtype]  # --dtype: the option's old name
+    if args.amp is not None and old_amp is not None and args.amp != old_amp:
+        raise CascadeError(f"--amp {args.amp} and --dtype {args.dtype} disagree; pass --amp alone")
     result = bench_inference(
-        args.preset, variants=args.variant, dtype=args.dtype, image_size=args.image_size,
+        args.preset, variants=args.variant, amp=args.amp or old_amp or "none", image_size=args.image_size,
         runs=args.runs, warmup=args.warmup, batch_size=args.batch_size, device=args.device, threads=args.threads,
     )
-    _print_json(result, args.json)
+    _print_bench_inference(result)
+    if args.json is not None:
+        import json
+
+        from pipeline.io import atomic_file
+
+        with atomic_file(args.json, "w") as handle:
+            json.dump(result, handle, indent=2, default=str)
+            handle.write("\n")
     return 0
+
+
+PAPER_NAMES = {"cascade": "Cascade-CLIP", "zegclip": "ZegCLIP"}
+
+
+def _print_bench_inference(result: dict) -> None:
+    """`bench inference`'s result as a few lines: settings, one row per variant, the paper's Table 12."""
+    cuda = result["device"].startswith("cuda")
+    print(f"bench inference: preset {result['preset']}, {result['image_size']}x{result['image_size']} images, "
+          f"batch {result['batch_size']}, AMP {result['amp']}, torch {result['torch_version']}")
+    threads = "" if cuda else f", {result['torch_threads']} torch threads"
+    print(f"device: {result['device']} ({result['device_name']}){threads}")
+    header = ["variant", "median latency", "FPS (images/s)", "peak GPU memory" if cuda else "peak RSS"]
+    rows = [header]
+    for variant, row in result["variants"].items():
+        memory = row["peak_gpu_mem_mb"] if cuda else row["peak_rss_mb"]
+        rows.append([variant, f"{row['median_latency_s'] * 1000:.4g} ms", f"{row['fps']:.2f}", f"{memory:,.0f} MB"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths)).rstrip())
+    if "cascade_over_zegclip_latency" in result:
+        print(f"cascade / zegclip latency: {result['cascade_over_zegclip_latency']}")
+    paper = result["paper_table12"]
+    fps = ", ".join(f"{PAPER_NAMES.get(v, v)} {f} FPS" for v, f in paper["fps"].items())
+    print(f"paper, Table 12 (COCO-Stuff model, {paper['gpu']}, batch {paper['batch_size']}): {fps}")
 
 
 def _cmd_import_checkpoint(args: argparse.Namespace) -> int:
@@ -248,14 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--preset", choices=presets, default="coco")
         p.add_argument("--variant", nargs="+", choices=variants, default=default_variants)
         if name == "inference":
-            p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+            p.add_argument("--amp", choices=["none", "fp16", "bf16"], default=None,
+                           help="autocast to float16 or bfloat16 on the device (default: none, fp32)")
+            p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="old name of --amp: fp32 is none")
         p.add_argument("--image-size", type=int, default=512, help="input side in pixels")
         p.add_argument("--runs", type=int, default=runs, help=f"timed {unit} per variant")
         p.add_argument("--warmup", type=int, default=warmup, help=f"untimed {unit} first")
         p.add_argument("--batch-size", type=int, default=1, help="images per forward pass or step")
-        p.add_argument("--device", default="cpu", help="torch device")
+        p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-        p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the result to FILE")
+        p.add_argument("--json", type=Path, default=None, metavar="FILE",
+                       help="also write the result to FILE" if name == "train-step" else "write the result as JSON to FILE")
         p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("import-checkpoint", help="convert an authors' release checkpoint (mmseg .pth) to our model file")
