@@ -10,9 +10,8 @@ env:
 
 repro: env
 	@# up to date: plain dvc repro (nothing runs); else one Prefect server shared by every stage that runs.
-	@# Stages run one at a time, so OpenMP threads may spin briefly before sleeping (README "OpenMP waits").
 	@if dvc status --quiet >/dev/null 2>&1; then dvc repro; else \
-		GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-10000} CASCADE_CLIP_GROUP=repro-$$(date -u +%Y%m%dT%H%M%SZ) \
+		CASCADE_CLIP_GROUP=repro-$$(date -u +%Y%m%dT%H%M%SZ) \
 		python -m stages.shared_server dvc repro; fi
 
 # two workers (pytest-xdist); tests sharing an expensive session fixture stay on one worker (tests/conftest.py)

@@ -10,14 +10,33 @@ import os
 __version__ = "0.1.0"
 
 
-def choose_openmp_wait() -> None:
-    """Make idle OpenMP threads sleep at once (OMP_WAIT_POLICY=PASSIVE) unless the user chose.
+SHORT_SPIN = "10000"
+"""GOMP_SPINCOUNT of a process alone on its cores (docs/performance.md, "OpenMP waits")"""
 
-    Threads that spin while waiting make torch 10-25x slower on a CPU shared with other processes
-    (measured on a 2-core machine, see README "OpenMP waits"). A GOMP_SPINCOUNT you set yourself
-    (`make repro` sets 10000, for a process alone on its cores) chooses a short spin instead, and is
-    left to take effect; so is an OMP_WAIT_POLICY of your own. Only works before torch is imported:
-    OpenMP reads it when it loads. Called by the entry points, never on import.
+
+def choose_openmp_wait() -> None:
+    """How idle OpenMP threads wait, unless the user chose (OMP_WAIT_POLICY or GOMP_SPINCOUNT set).
+
+    Alone on its cores, a process spins briefly (GOMP_SPINCOUNT=10000): 1.9x faster than sleeping
+    at once. Beside other busy processes, spinning threads make each several times slower, so a
+    queued DVC experiment (run in a copy under the project's .dvc/tmp, beside the queue's other
+    jobs) sleeps at once (OMP_WAIT_POLICY=PASSIVE), as do the Prefect flow's runs (the flow sets
+    it). Only works before torch is imported: OpenMP reads it when it loads. Called by the entry
+    points, never on import.
     """
-    if "GOMP_SPINCOUNT" not in os.environ:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    if _in_queued_experiment():
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:
+        os.environ["GOMP_SPINCOUNT"] = SHORT_SPIN
+
+
+def _in_queued_experiment() -> bool:
+    """Whether this process runs in a DVC queue's temporary copy of the project (DVC sets DVC_ROOT
+    to the project and runs the stage under its .dvc/tmp)."""
+    root = os.environ.get("DVC_ROOT")
+    if not root:
+        return False
+    cwd = os.path.realpath(os.getcwd())
+    return cwd.startswith(os.path.join(os.path.realpath(root), ".dvc", "tmp") + os.sep)

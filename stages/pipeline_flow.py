@@ -167,6 +167,8 @@ def pipeline(
     group = f"flow-{stamp}"
     settings = {**preset_overrides(preset), **(overrides or {})}
     tracking_env = {GROUP_ENV: group, PRESET_ENV: preset or "", FLOW_RUN_ENV: str(flow_run.id or "")}
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        tracking_env["OMP_WAIT_POLICY"] = "PASSIVE"  # a worker may run flow runs side by side (pipeline.choose_openmp_wait)
     if workspace == "in_place":
         if not is_local_project(source):
             raise ValueError(f"workspace 'in_place' needs a project folder on this machine, got {source!r}")
