@@ -144,3 +144,33 @@ def test_a_stage_killed_with_sigkill_leaves_no_server_running(tmp_path):
             os.killpg(stage.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+LOGGING_STAGE = """
+import logging, sys
+from stages.common import run_stage
+
+def main(ctx):
+    print("a print, sent to the flow's log")
+    logging.getLogger("cascade_clip.probe").info("a log line")
+    return {}
+
+sys.exit(run_stage("probe", main, ("seed",)))
+"""
+
+
+def test_a_stage_on_its_own_server_sends_its_logs_before_the_server_stops(tmp_path):
+    """A stage with PREFECT_API_URL unset (plain `dvc repro`) must not leave logs or events queued
+    for its temporary server after stopping it: Prefect's clients then retry at exit, printing
+    "Error logging to API" (and, in the demo's stages, holding each process 75-85 s)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", LOGGING_STAGE], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "a print, sent to the flow's log" in done.stdout + done.stderr
+    assert "Error logging to API" not in done.stdout + done.stderr
