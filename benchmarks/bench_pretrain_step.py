@@ -4,8 +4,9 @@
 
 Times one contrastive step of the default toy CLIP (params.yaml's clip.toy, random weights, a
 batch of demo captions) with: open_clip's plain forward and for-each AdamW; each distinct caption
-encoded once (pipeline.engine.pretrain.batch_contrastive_loss); plus fused AdamW (the two are what
-the stage uses); plus GELU in place of QuickGELU (a different model, not adopted). The variants
+encoded once (pipeline.engine.pretrain.batch_contrastive_loss); plus fused AdamW; plus the image
+tower's blocks batch-first (pipeline.engine.pretrain.batch_first_blocks; the three are what the
+stage uses); plus GELU in place of QuickGELU (a different model, not adopted). The variants
 run interleaved in one process; medians are printed with their ratio to the plain step.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import open_clip
@@ -21,7 +23,7 @@ import torch
 
 from pipeline.config import load_params
 from pipeline.data.catalog import get_dataset
-from pipeline.engine.pretrain import batch_contrastive_loss, parameter_groups
+from pipeline.engine.pretrain import batch_contrastive_loss, batch_first_blocks, parameter_groups
 from pipeline.model.clip import create_clip, make_tokenizer, toy_arch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,23 +43,25 @@ def main() -> None:
     loss_fn = open_clip.loss.ClipLoss()
 
     variants = {}
-    for name, quick_gelu, dedup, fused in (("plain forward, AdamW", True, False, False),
-                                           ("distinct captions once", True, True, False),
-                                           ("+ fused AdamW (the stage)", True, True, True),
-                                           ("+ GELU (not adopted)", False, True, True)):
+    for name, quick_gelu, dedup, fused, batch_first in (("plain forward, AdamW", True, False, False, False),
+                                                        ("distinct captions once", True, True, False, False),
+                                                        ("+ fused AdamW", True, True, True, False),
+                                                        ("+ batch-first blocks (the stage)", True, True, True, True),
+                                                        ("+ GELU (not adopted)", False, True, True, True)):
         arch = toy_arch(toy) | {"quick_gelu": quick_gelu}
         torch.manual_seed(0)
         model = create_clip(arch).train()
         optimizer = torch.optim.AdamW(parameter_groups(model, toy.weight_decay), lr=1e-5, fused=fused)
-        variants[name] = (model, optimizer, make_tokenizer(arch)(captions), dedup)
+        variants[name] = (model, optimizer, make_tokenizer(arch)(captions), dedup, batch_first)
 
-    def step(model, optimizer, tokens, dedup) -> None:
-        if dedup:
-            loss = batch_contrastive_loss(model, loss_fn, images, tokens)
-        else:
-            loss = loss_fn(*model(images, tokens))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def step(model, optimizer, tokens, dedup, batch_first) -> None:
+        with batch_first_blocks(model) if batch_first else nullcontext():
+            if dedup:
+                loss = batch_contrastive_loss(model, loss_fn, images, tokens)
+            else:
+                loss = loss_fn(*model(images, tokens))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
 
     for variant in variants.values():

@@ -1,5 +1,6 @@
 """Toy CLIP pretraining: data, schedule, a short run that learns, and the checks of what it learned."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from pipeline.data.transforms import OPENAI_CLIP
 from pipeline.engine.pretrain import (
     CaptionedImages,
     batch_contrastive_loss,
+    batch_first_blocks,
     batch_order,
     compositionality,
     cosine_lr,
@@ -116,6 +118,33 @@ def test_batch_loss_encodes_each_caption_once_and_matches_the_plain_clip_loss():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_batch_first_blocks_give_open_clips_loss_and_gradients_and_are_undone():
+    """The image tower's blocks through prompted_block inside the context: a speed-up only."""
+    import open_clip
+
+    toy = ToyClipConfig(**TINY, n_images=16, single_object_fraction=1.0)
+    data = pretrain_images(WORLD, toy, seed=0, progress=False)
+    arch = toy_arch(toy)
+    tokens = make_tokenizer(arch)(data.captions)
+    images = OPENAI_CLIP.batch(data.images)
+    loss_fn = open_clip.loss.ClipLoss()
+    torch.manual_seed(0)
+    model = create_clip(arch).train()
+    losses, grads = [], []
+    for batch_first in (False, True):
+        model.zero_grad(set_to_none=True)
+        with batch_first_blocks(model) if batch_first else contextlib.nullcontext():
+            loss = loss_fn(*model(images, tokens))
+            loss.backward()
+        losses.append(loss.item())
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert all("forward" not in vars(block) for block in model.visual.transformer.resblocks)
 
 
 def test_short_pretraining_lowers_the_contrastive_loss_and_is_deterministic():
