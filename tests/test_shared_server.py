@@ -159,6 +159,7 @@ sys.exit(run_stage("probe", main, ("seed",)))
 """
 
 
+@pytest.mark.slow  # a real stage with a server of its own: 30 s
 def test_a_stage_on_its_own_server_sends_its_logs_before_the_server_stops(tmp_path):
     """A stage with PREFECT_API_URL unset (plain `dvc repro`) must not leave logs or events queued
     for its temporary server after stopping it: Prefect's clients then retry at exit, printing
