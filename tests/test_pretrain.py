@@ -14,6 +14,7 @@ from pipeline.data.transforms import OPENAI_CLIP
 from pipeline.engine.pretrain import (
     CaptionedImages,
     batch_contrastive_loss,
+    _block_forward,
     batch_first_blocks,
     batch_order,
     compositionality,
@@ -98,23 +99,32 @@ def test_batch_loss_encodes_each_caption_once_and_matches_the_plain_clip_loss():
     """Deduplicating repeated captions is a speed-up only: loss and every gradient as open_clip's forward."""
     import open_clip
 
-    toy = ToyClipConfig(**TINY, n_images=24, single_object_fraction=1.0)
+    model, images, tokens = _model_and_batch(n_images=24)
+    assert len(torch.unique(tokens, dim=0)) < len(tokens)  # the case that matters: repeated captions
+    loss_fn = open_clip.loss.ClipLoss()
+    _assert_same_loss_and_gradients(model, [lambda: loss_fn(*model(images, tokens)),
+                                            lambda: batch_contrastive_loss(model, loss_fn, images, tokens)], rel=1e-6)
+
+
+def _model_and_batch(n_images: int):
+    """A seeded tiny toy CLIP and a batch of single-object captioned images (normalised) with their tokens."""
+    toy = ToyClipConfig(**TINY, n_images=n_images, single_object_fraction=1.0)
     data = pretrain_images(WORLD, toy, seed=0, progress=False)
     arch = toy_arch(toy)
-    tokens = make_tokenizer(arch)(data.captions)
-    assert len(torch.unique(tokens, dim=0)) < len(tokens)  # the case that matters: repeated captions
-    images = OPENAI_CLIP.batch(data.images)
-    loss_fn = open_clip.loss.ClipLoss()
     torch.manual_seed(0)
-    model = create_clip(arch)
+    return create_clip(arch), OPENAI_CLIP.batch(data.images), make_tokenizer(arch)(data.captions)
+
+
+def _assert_same_loss_and_gradients(model, computations, rel: float) -> None:
+    """The computations' losses equal to `rel` and their gradients (each backpropagated from zero) to rounding."""
     losses, grads = [], []
-    for compute in (lambda: loss_fn(*model(images, tokens)), lambda: batch_contrastive_loss(model, loss_fn, images, tokens)):
+    for compute in computations:
         model.zero_grad(set_to_none=True)
         loss = compute()
         loss.backward()
         losses.append(loss.item())
         grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert losses[0] == pytest.approx(losses[1], rel=rel)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -124,27 +134,19 @@ def test_batch_first_blocks_give_open_clips_loss_and_gradients_and_are_undone():
     """The image tower's blocks through prompted_block inside the context: a speed-up only."""
     import open_clip
 
-    toy = ToyClipConfig(**TINY, n_images=16, single_object_fraction=1.0)
-    data = pretrain_images(WORLD, toy, seed=0, progress=False)
-    arch = toy_arch(toy)
-    tokens = make_tokenizer(arch)(data.captions)
-    images = OPENAI_CLIP.batch(data.images)
+    model, images, tokens = _model_and_batch(n_images=16)
+    model.train()
     loss_fn = open_clip.loss.ClipLoss()
-    torch.manual_seed(0)
-    model = create_clip(arch).train()
-    losses, grads = [], []
-    for batch_first in (False, True):
-        model.zero_grad(set_to_none=True)
-        with batch_first_blocks(model) if batch_first else contextlib.nullcontext():
-            loss = loss_fn(*model(images, tokens))
-            loss.backward()
-        losses.append(loss.item())
-        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert all("forward" not in vars(block) for block in model.visual.transformer.resblocks)
+
+    blocks = model.visual.transformer.resblocks
+
+    def batch_first_loss():
+        with batch_first_blocks(model):
+            assert all(vars(block)["forward"].__func__ is _block_forward for block in blocks)
+            return loss_fn(*model(images, tokens))
+
+    _assert_same_loss_and_gradients(model, [lambda: loss_fn(*model(images, tokens)), batch_first_loss], rel=1e-5)
+    assert all("forward" not in vars(block) for block in blocks)
 
 
 def test_short_pretraining_lowers_the_contrastive_loss_and_is_deterministic():

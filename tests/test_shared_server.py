@@ -110,18 +110,25 @@ sys.exit(run_stage("probe", main, ("seed",)))
 """
 
 
-def test_a_stage_killed_with_sigkill_leaves_no_server_running(tmp_path):
-    """With PREFECT_API_URL unset a stage starts a temporary server of its own; kill -9 of the
-    stage (no exit handler runs) must not leave that server running and listening."""
-    import httpx
-    import psutil
-
+def stage_project(tmp_path):
+    """A project folder with the demo's params.yaml, and the environment of a stage run in it with
+    PREFECT_API_URL unset (so the stage starts a temporary server of its own)."""
     project = tmp_path / "project"
     project.mkdir()
     (project / "params.yaml").write_text((REPO / "params.yaml").read_text())
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
         "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "PYTHONPATH": str(REPO)}
+    return project, env
+
+
+def test_a_stage_killed_with_sigkill_leaves_no_server_running(tmp_path):
+    """With PREFECT_API_URL unset a stage starts a temporary server of its own; kill -9 of the
+    stage (no exit handler runs) must not leave that server running and listening."""
+    import httpx
+    import psutil
+
+    project, env = stage_project(tmp_path)
     stage = subprocess.Popen([sys.executable, "-c", STAGE], cwd=project, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
@@ -164,12 +171,7 @@ def test_a_stage_on_its_own_server_sends_its_logs_before_the_server_stops(tmp_pa
     """A stage with PREFECT_API_URL unset (plain `dvc repro`) must not leave logs or events queued
     for its temporary server after stopping it: Prefect's clients then retry at exit, printing
     "Error logging to API" (and, in the demo's stages, holding each process 75-85 s)."""
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
-        "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "PYTHONPATH": str(REPO)}
+    project, env = stage_project(tmp_path)
     done = subprocess.run([sys.executable, "-c", LOGGING_STAGE], cwd=project, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
