@@ -38,13 +38,19 @@ def _cmd_params(args: argparse.Namespace) -> int:
 def _print_json(data: dict, path: Path | None = None) -> None:
     import json
 
-    text = json.dumps(data, indent=2, default=str)
-    print(text)
+    print(json.dumps(data, indent=2, default=str))
     if path is not None:
-        from pipeline.io import atomic_file
+        _write_json(data, path)
 
-        with atomic_file(path, "w") as handle:
-            handle.write(text + "\n")
+
+def _write_json(data: dict, path: Path) -> None:
+    """`data` as indented JSON in `path`, written aside and renamed into place."""
+    import json
+
+    from pipeline.io import atomic_file
+
+    with atomic_file(path, "w") as handle:
+        handle.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _print_table(rows: list[tuple[str, str]]) -> None:
@@ -81,13 +87,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     _print_bench_inference(result)
     if args.json is not None:
-        import json
-
-        from pipeline.io import atomic_file
-
-        with atomic_file(args.json, "w") as handle:
-            json.dump(result, handle, indent=2, default=str)
-            handle.write("\n")
+        _write_json(result, args.json)
     return 0
 
 
