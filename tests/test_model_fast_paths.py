@@ -43,6 +43,7 @@ def test_prompted_block_refuses_a_cross_attention_block():
 def onednn_for_any_size(monkeypatch):
     """oneDNN's path for the small tensors of these tests."""
     monkeypatch.setattr("pipeline.model.frozen_linear.MIN_MACS", 0)
+    monkeypatch.setattr("pipeline.model.frozen_linear.MIN_WIDTH", 0)
 
 
 @pytest.mark.parametrize("scale", [1.0, 1.702])
@@ -71,19 +72,39 @@ def test_frozen_linear_leaves_trainable_weights_and_autocast_to_torch():
         assert frozen_linear(x, weight.detach()).dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
-def test_frozen_linear_takes_onednn_for_frozen_fp32_cpu_weights():
+def _takes_onednn(call) -> bool:
     from torch.profiler import profile
 
-    from pipeline.model.frozen_linear import MIN_MACS
-
-    rows = MIN_MACS // (64 * 64)
     with profile() as prof:
-        frozen_linear(torch.randn(rows, 64), torch.randn(64, 64), torch.randn(64))
-    assert any("mkldnn::_linear_pointwise" in e.key for e in prof.key_averages())
-    with profile() as prof:  # too small to gain: MKL
-        frozen_linear(torch.randn(rows - 1, 64), torch.randn(64, 64), torch.randn(64))
-    assert not any("mkldnn" in e.key for e in prof.key_averages())
+        call()
+    return any("mkldnn::_linear_pointwise" in e.key for e in prof.key_averages())
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
+def test_frozen_linear_takes_onednn_for_wide_enough_frozen_fp32_cpu_layers():
+    from pipeline.model.frozen_linear import MIN_MACS, MIN_WIDTH
+
+    weight, bias = torch.randn(MIN_WIDTH, MIN_WIDTH), torch.randn(MIN_WIDTH)
+    rows = MIN_MACS // MIN_WIDTH**2
+    assert _takes_onednn(lambda: frozen_linear(torch.randn(rows, MIN_WIDTH), weight, bias))
+    assert not _takes_onednn(lambda: frozen_linear(torch.randn(rows - 1, MIN_WIDTH), weight, bias))  # too few rows
+    # narrow layers (the demo's width 64) stay with MKL, however many rows
+    assert not _takes_onednn(lambda: frozen_linear(torch.randn(1 << 16, 64), torch.randn(MIN_WIDTH, 64)))
+    assert not _takes_onednn(lambda: frozen_linear(torch.randn(1 << 16, MIN_WIDTH), torch.randn(64, MIN_WIDTH)))
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
+def test_a_trainable_layer_takes_onednn_under_no_grad_only(onednn_for_any_size):
+    from pipeline.model.frozen_linear import linear
+
+    torch.manual_seed(2)
+    layer, x = torch.nn.Linear(16, 24), torch.randn(2, 7, 16)
+    with torch.no_grad():
+        assert _takes_onednn(lambda: linear(layer, x))
+        torch.testing.assert_close(linear(layer, x), layer(x), rtol=1e-5, atol=1e-5)
+    assert not _takes_onednn(lambda: linear(layer, x))  # its weights need a gradient: torch's own
+    linear(layer, x).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, x.sum((0, 1)).expand(24, 16), rtol=1e-5, atol=1e-5)
 
 
 def test_inference_scores_without_logits_equal_the_scores_of_the_logits():

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.frozen_linear import linear
+
 
 class CrossAttentionLayer(nn.Module):
     """Class queries attend to the stage features; the pre-softmax logits are the layer's mask.
@@ -47,13 +49,13 @@ class CrossAttentionLayer(nn.Module):
             updated queries [B, C, D] and the mask logits [B, C, N] (head-averaged q.k / sqrt(d_head)).
         """
         # attention logits per head
-        q, k, v = (self._heads(t) for t in (self.q(queries), self.k(features), self.v(features)))
+        q, k, v = (self._heads(linear(layer, t)) for layer, t in ((self.q, queries), (self.k, features), (self.v, features)))
         logits = (q @ k.transpose(-2, -1)) * self.scale  # [B, heads, C, N]
         # attention output, residual, FFN
         out = self.attn_dropout(logits.softmax(dim=-1)) @ v
-        out = self.proj(out.transpose(1, 2).flatten(2))
+        out = linear(self.proj, out.transpose(1, 2).flatten(2))
         x = self.attn_norm(queries + self.dropout(out))
-        x = self.ffn_norm(x + self.dropout(self.ffn_out(self.dropout(F.relu(self.ffn_in(x))))))
+        x = self.ffn_norm(x + self.dropout(linear(self.ffn_out, self.dropout(F.relu(linear(self.ffn_in, x))))))
         return x, logits.mean(dim=1)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +81,7 @@ class LogitsLayer(nn.Module):
 
     def forward(self, queries: torch.Tensor, features: torch.Tensor) -> tuple[None, torch.Tensor]:
         """Mask logits [B, C, N] for queries [B, C, D] and features [B, N, D]."""
-        return None, (self.q(queries) @ self.k(features).transpose(-2, -1)) * self.scale
+        return None, (linear(self.q, queries) @ linear(self.k, features).transpose(-2, -1)) * self.scale
 
 
 class StageDecoder(nn.Module):

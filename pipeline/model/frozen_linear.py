@@ -1,11 +1,12 @@
-"""Linear layers with frozen weights, through oneDNN on the CPU.
+"""Linear layers whose weights get no gradient, through oneDNN on the CPU.
 
 On this project's CPUs torch's fp32 matmul (MKL) reaches about 120-140 GFLOP/s on the ViT's
 shapes where oneDNN's linear reaches 150-195 (`python -m benchmarks.bench_vs_release --profile`
 and docs/performance.md). The frozen CLIP blocks are most of the model's arithmetic, forward and
 backward, so their linear layers go through `frozen_linear`: oneDNN for fp32 CPU tensors (outside
-autocast) when the product is large enough to gain, torch's own `F.linear` everywhere else
-(CUDA, bf16/fp16, trainable weights, small layers).
+autocast) when the layer is wide enough to gain, torch's own `F.linear` everywhere else (CUDA,
+bf16/fp16, weights that need a gradient, narrow layers). Under torch.no_grad no weight needs
+one, so at inference the trainable layers (decoders, text projections) take the same path.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ def _onednn_available() -> bool:
 
 ONEDNN = _onednn_available()
 """whether this torch build has oneDNN's linear"""
-MIN_MACS = 1 << 28
-"""smallest product rows x in x out sent to oneDNN: below about 2^27 its per-call overhead makes it
-slower than MKL (measured on a 2-core AVX-512 CPU: 0.72-0.88x MKL's time from 6e8 multiply-adds,
-1.0-1.1x at 0.8-1.8e8, e.g. the demo model's layers)"""
+MIN_MACS = 1 << 24
+"""smallest product rows x in x out sent to oneDNN (below it, per-call overhead)"""
+MIN_WIDTH = 256
+"""narrowest in or out width sent to oneDNN. Measured on a 2-core AVX-512 CPU, oneDNN's time over
+MKL's: 0.63-0.93 for the paper-size layers (in and out 512-3072, 50-2048 rows, from 2^25 multiply-
+adds), 0.85-1.13 for width-64 layers (the demo's, 1160-6240 rows), so those stay with MKL
+(`python -m benchmarks.bench_linear`)"""
 _use_onednn = ONEDNN
 
 
@@ -48,7 +52,8 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """scale * (x @ weight.T) + bias, for x [..., in], weight [out, in], bias [out] or None.
 
     x may need a gradient; weight and bias get none (oneDNN's path is taken only when they do not
-    require one). Equal to `scale * F.linear(x, weight) + bias` up to float rounding.
+    require one, or under torch.no_grad). Equal to `scale * F.linear(x, weight) + bias` up to float
+    rounding.
     """
     if not _takes_onednn(x, weight, bias):
         out = F.linear(x, weight) if scale != 1.0 else F.linear(x, weight, bias)
@@ -63,14 +68,19 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` through `frozen_linear`: oneDNN when the layer's weights need no gradient."""
+    return frozen_linear(x, layer.weight, layer.bias)
+
+
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         _use_onednn
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and not weight.requires_grad
-        and (bias is None or not bias.requires_grad)
+        and not (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)))
+        and min(weight.shape) >= MIN_WIDTH
         and x.numel() * weight.shape[0] >= MIN_MACS
     )
 

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pipeline.model.frozen_linear import linear
+
 from pipeline.model.image_encoder import VisualFeatures
 
 
@@ -55,7 +57,7 @@ class CascadeHead(nn.Module):
         out = []
         for index, (start, end) in enumerate(self.stages):
             stage_features = self.aggregators[index]([features.blocks[b] for b in range(start, end + 1)])
-            queries = self.text_projs[index if len(self.text_projs) > 1 else 0](descriptor)
+            queries = linear(self.text_projs[index if len(self.text_projs) > 1 else 0], descriptor)
             masks = self.decoders[index](queries, stage_features)
             out.append([m.unflatten(-1, (h, w)) for m in masks])
         return out

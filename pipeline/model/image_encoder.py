@@ -209,10 +209,10 @@ class PromptedVisionEncoder(nn.Module):
             if index + 1 in self.tap_blocks:
                 tap = self.tap_blocks.index(index + 1)
                 patches = self._prompt_norm(x[:, 1:])
-                taps[index + 1] = F.normalize(self.tap_norms[tap](patches) @ self.tap_proj[tap], dim=-1)
+                taps[index + 1] = F.normalize(frozen_linear(self.tap_norms[tap](patches), self.tap_proj[tap].t()), dim=-1)
 
         # last block: prompt norm, ln_post, CLIP's projection
-        x = self.ln_post(self._prompt_norm(x)) @ self.proj
+        x = frozen_linear(self.ln_post(self._prompt_norm(x)), self.proj.t())
         taps[self.depth] = F.normalize(x[:, 1:], dim=-1)
         pooled = x[:, 1:].mean(dim=1) if self.pool_type == "avg" else x[:, 0]
         return VisualFeatures(blocks=taps, global_embedding=F.normalize(pooled, dim=-1), grid=(h, w))
