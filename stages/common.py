@@ -12,16 +12,18 @@ stage's `main(ctx)`.
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import hashlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import matplotlib
 import yaml
@@ -254,7 +256,33 @@ def run_stage(
     `sections` are the params the stage reads (hashed and logged); `log_all_params` logs every
     section instead (the evaluation run, so runs compare in the MLflow UI). Under torchrun, ranks
     other than 0 run `main` without a flow or an MLflow run.
+
+    When the stage is the process's main program (`python -m stages.<name>`), a stage that returns
+    ends the process here (`end_process`) instead of returning.
     """
+    code = _run_stage(name, main, sections, argv, log_all_params=log_all_params)
+    main_module = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if main_module is not None and main_module.name == f"stages.{name}":
+        end_process(code)
+    return code
+
+
+def end_process(code: int) -> NoReturn:
+    """End the process with exit code `code` as Python's own exit does (non-daemon threads joined,
+    atexit handlers run: logging, Prefect's and MLflow's queues flushed), but without the
+    interpreter's teardown of every module and object, which takes 1.7-2.1 s once torch,
+    open_clip, Prefect and MLflow are imported (stages' outputs are written and closed by then)."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and not stream.closed:
+            stream.flush()
+    os._exit(code)
+
+
+def _run_stage(name: str, main: StageMain, sections: tuple[str, ...], argv: list[str] | None, *, log_all_params: bool) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     matplotlib.use("Agg")  # figures are drawn for files and MLflow, never for a screen
