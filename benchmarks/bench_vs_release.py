@@ -75,7 +75,7 @@ from benchmarks.release_parity import (
 from pipeline.config import ModelConfig
 from pipeline.data.catalog import get_dataset
 from pipeline.model import CascadeCLIP, load
-from pipeline.model.frozen_linear import ONEDNN, onednn
+from pipeline.model.frozen_linear import CPU_LIBRARY, ONEDNN, onednn
 from pipeline.model.presets import preset_arch, preset_model_config
 from pipeline.model.release import import_release_checkpoint
 
@@ -262,7 +262,7 @@ def interleaved(calls: dict[str, Callable[[], object]], *, runs: int, warmup: in
 
 def matmul_gflops(side: int = PEAK_SIDE, runs: int = 10) -> dict[str, float]:
     """fp32 GFLOP/s of a side x side matmul (median of `runs` after two untimed), by torch.mm (MKL)
-    and, where torch has it, by oneDNN's linear (the library our frozen blocks use)."""
+    and, where torch has it, by oneDNN's linear (the library our frozen blocks use on AVX-512 CPUs)."""
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(side, side, generator=gen), torch.randn(side, side, generator=gen)
     calls = {"torch.mm": lambda: a @ b}
@@ -365,6 +365,7 @@ def report(result: dict) -> str:
     lines = [
         f"ours against the release ({result['release']['repository']} {result['release']['commit'][:7]}), "
         f"fp32, CPU, torch {result['torch']}, {result['threads']} threads, OpenMP wait: {result['openmp_wait']}",
+        f"CPU: {result['cpu']}",
         f"network: {result['size']}",
     ]
     for name, d in result["parity"].items():
@@ -429,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "openmp_wait": openmp_wait(),
+        "cpu": f"{torch.backends.cpu.get_cpu_capability()}, frozen wide layers on "
+               f"{'oneDNN' if CPU_LIBRARY == 'onednn' and ONEDNN else 'torch (MKL)'}",
         **measure(pair, batches=args.batch, runs=args.runs, train_runs=args.train_runs),
         "load_before": load_before,
         "load_after": os.getloadavg()[0],

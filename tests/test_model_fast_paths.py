@@ -41,18 +41,23 @@ def test_prompted_block_refuses_a_cross_attention_block():
 
 @pytest.fixture
 def onednn_for_any_size(monkeypatch):
-    """oneDNN's path for the small tensors of these tests."""
+    """oneDNN's path (where torch has it) for the small tensors of these tests, whatever the CPU."""
     monkeypatch.setattr("pipeline.model.frozen_linear.MIN_MACS", 0)
     monkeypatch.setattr("pipeline.model.frozen_linear.MIN_WIDTH", 0)
+    monkeypatch.setattr("pipeline.model.frozen_linear._use_onednn", ONEDNN)
 
 
+@pytest.mark.parametrize("library", ["onednn", "torch"])
 @pytest.mark.parametrize("scale", [1.0, 1.702])
-def test_frozen_linear_matches_f_linear_with_its_gradient(scale, onednn_for_any_size):
+def test_frozen_linear_matches_f_linear_with_its_gradient(scale, library, onednn_for_any_size):
+    from pipeline.model.frozen_linear import onednn
+
     torch.manual_seed(1)
     weight, bias = torch.randn(24, 16), torch.randn(24)
     x = torch.randn(2, 7, 16, requires_grad=True)
     expected = scale * F.linear(x, weight) + bias
-    got = frozen_linear(x, weight, bias, scale=scale)
+    with onednn(library == "onednn"):  # "torch": as wide layers on AVX2 CPUs (the scale inside the product)
+        got = frozen_linear(x, weight, bias, scale=scale)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(expected)
     torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(expected, x, grad)[0],
@@ -81,9 +86,10 @@ def _takes_onednn(call) -> bool:
 
 
 @pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
-def test_frozen_linear_takes_onednn_for_wide_enough_frozen_fp32_cpu_layers():
+def test_frozen_linear_takes_onednn_for_wide_enough_frozen_fp32_cpu_layers(monkeypatch):
     from pipeline.model.frozen_linear import MIN_MACS, MIN_WIDTH
 
+    monkeypatch.setattr("pipeline.model.frozen_linear._use_onednn", True)  # as on an AVX-512 CPU
     weight, bias = torch.randn(MIN_WIDTH, MIN_WIDTH), torch.randn(MIN_WIDTH)
     rows = MIN_MACS // MIN_WIDTH**2
     assert _takes_onednn(lambda: frozen_linear(torch.randn(rows, MIN_WIDTH), weight, bias))
@@ -142,3 +148,26 @@ def test_frozen_linear_can_be_held_to_plain_torch():
     with onednn(False), profile() as prof:
         frozen_linear(torch.randn(1 << 16, 64), torch.randn(64, 64), torch.randn(64))
     assert not any("mkldnn" in e.key for e in prof.key_averages())
+
+
+def test_the_cpu_library_is_onednn_on_avx512_and_torch_elsewhere_unless_chosen():
+    from pipeline.model.frozen_linear import preferred_library
+
+    assert preferred_library("AVX512", None) == "onednn"
+    assert preferred_library("AVX2", None) == "torch"
+    assert preferred_library("DEFAULT", "auto") == "torch"
+    assert preferred_library("AVX2", "oneDNN") == "onednn"
+    assert preferred_library("AVX512", "torch") == "torch"
+    with pytest.raises(ValueError, match=r"CASCADE_CLIP_LINEAR='mkl': expected auto, onednn or torch"):
+        preferred_library("AVX2", "mkl")
+
+
+@pytest.mark.parametrize("choice", ["onednn", "torch"])
+def test_the_environment_variable_chooses_the_cpu_library(choice, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CASCADE_CLIP_LINEAR", choice)
+    code = "import pipeline.model.frozen_linear as f; print(f.CPU_LIBRARY, f._use_onednn == f.ONEDNN)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [choice, str(choice == "onednn")]

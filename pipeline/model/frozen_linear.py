@@ -1,16 +1,19 @@
-"""Linear layers whose weights get no gradient, through oneDNN on the CPU.
+"""Linear layers whose weights get no gradient, through the faster of oneDNN and MKL on the CPU.
 
-On this project's CPUs torch's fp32 matmul (MKL) reaches about 120-140 GFLOP/s on the ViT's
-shapes where oneDNN's linear reaches 150-195 (`python -m benchmarks.bench_vs_release --profile`
-and docs/performance.md). The frozen CLIP blocks are most of the model's arithmetic, forward and
-backward, so their linear layers go through `frozen_linear`: oneDNN for fp32 CPU tensors (outside
-autocast) when the layer is wide enough to gain, torch's own `F.linear` everywhere else (CUDA,
-bf16/fp16, weights that need a gradient, narrow layers). Under torch.no_grad no weight needs
-one, so at inference the trainable layers (decoders, text projections) take the same path.
+The frozen CLIP blocks are most of the model's arithmetic, forward and backward, so their linear
+layers go through `frozen_linear`. Which fp32 library is faster depends on the CPU: on a 2-core
+AVX-512 CPU oneDNN's linear took 0.73-0.92 of torch's (MKL's) time on the ViT's shapes, on a 2-core
+AVX2 one (AMD EPYC) 1.13-1.21 (`python -m benchmarks.bench_linear`, docs/performance.md). So
+`frozen_linear` takes oneDNN for fp32 CPU tensors (outside autocast) when the CPU has AVX-512 and
+the layer is wide enough to gain (`LINEAR_ENV` overrides the choice), torch's own matmul everywhere
+else (CUDA, bf16/fp16, weights that need a gradient, narrow layers, AVX2 CPUs). Under
+torch.no_grad no weight needs one, so at inference the trainable layers (decoders, text
+projections) take the same path.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,6 +28,26 @@ def _onednn_available() -> bool:
 
 ONEDNN = _onednn_available()
 """whether this torch build has oneDNN's linear"""
+LINEAR_ENV = "CASCADE_CLIP_LINEAR"
+"""environment variable choosing the CPU library of wide frozen layers: auto (the default), onednn or torch"""
+
+
+def preferred_library(capability: str, choice: str | None) -> str:
+    """"onednn" or "torch": the library wide frozen fp32 layers take on a CPU whose vector
+    capability (`torch.backends.cpu.get_cpu_capability()`) is `capability`, with `LINEAR_ENV` set
+    to `choice` (None or "auto": oneDNN where the CPU has AVX-512, torch's MKL elsewhere)."""
+    choice = (choice or "auto").strip().lower()
+    if choice not in ("auto", "onednn", "torch"):
+        raise ValueError(f"{LINEAR_ENV}={choice!r}: expected auto, onednn or torch (unset it for auto: oneDNN on "
+                         "AVX-512 CPUs, torch's MKL elsewhere; `python -m benchmarks.bench_linear` shows which is "
+                         "faster on this CPU)")
+    if choice == "auto":
+        return "onednn" if capability.upper().startswith("AVX512") else "torch"
+    return choice
+
+
+CPU_LIBRARY = preferred_library(torch.backends.cpu.get_cpu_capability(), os.environ.get(LINEAR_ENV))
+"""what wide frozen fp32 layers take on this CPU ("onednn" or "torch"), before `ONEDNN` is checked"""
 MIN_MACS = 1 << 24
 """smallest product rows x in x out sent to oneDNN (below it, per-call overhead)"""
 MIN_WIDTH = 256
@@ -32,13 +55,14 @@ MIN_WIDTH = 256
 MKL's: 0.63-0.93 for the paper-size layers (in and out 512-3072, 50-2048 rows, from 2^25 multiply-
 adds), 0.85-1.13 for width-64 layers (the demo's, 1160-6240 rows), so those stay with MKL
 (`python -m benchmarks.bench_linear`)"""
-_use_onednn = ONEDNN
+_use_onednn = ONEDNN and CPU_LIBRARY == "onednn"
 
 
 @contextmanager
 def onednn(enabled: bool) -> Iterator[None]:
-    """Inside, `frozen_linear` takes oneDNN's path (where it applies) only if `enabled`: off, it is
-    plain torch, e.g. for FLOP counters (which have no formula for oneDNN's op) or comparisons."""
+    """Inside, `frozen_linear` takes oneDNN's path (where it applies) if `enabled`, whatever the CPU;
+    off, it is plain torch, e.g. for FLOP counters (which have no formula for oneDNN's op) or
+    comparisons."""
     global _use_onednn
     previous = _use_onednn
     _use_onednn = enabled and ONEDNN
@@ -56,10 +80,7 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     rounding.
     """
     if not _takes_onednn(x, weight, bias):
-        out = F.linear(x, weight) if scale != 1.0 else F.linear(x, weight, bias)
-        if scale != 1.0:
-            out = out * scale if bias is None else torch.add(bias, out, alpha=scale)
-        return out
+        return _torch_linear(x, weight, bias, scale)
     flat = x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled() and x.requires_grad:
         out = _FrozenLinear.apply(flat, weight, bias, scale)
@@ -71,6 +92,19 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)` through `frozen_linear`: oneDNN when the layer's weights need no gradient."""
     return frozen_linear(x, layer.weight, layer.bias)
+
+
+def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """torch's own scale * (x @ weight.T) + bias. A wide layer with a bias takes the scale inside
+    the product (addmm's alpha: no extra pass over the output); a narrow one (the demo's width 64)
+    scales afterwards, as it always has, so its results stay the same to the bit."""
+    if scale == 1.0:
+        return F.linear(x, weight, bias)
+    if bias is not None and min(weight.shape) >= MIN_WIDTH:
+        out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t(), alpha=scale)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    out = F.linear(x, weight)
+    return out * scale if bias is None else torch.add(bias, out, alpha=scale)
 
 
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
