@@ -171,3 +171,15 @@ def test_the_environment_variable_chooses_the_cpu_library(choice, monkeypatch):
     code = "import pipeline.model.frozen_linear as f; print(f.CPU_LIBRARY, f._use_onednn == f.ONEDNN)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [choice, str(choice == "onednn")]
+
+
+def test_a_bad_library_choice_fails_the_first_linear_layer_with_a_message_not_the_import(monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CASCADE_CLIP_LINEAR", "mkl")
+    code = ("import torch; from pipeline.errors import CascadeError; from pipeline.model import frozen_linear as f\n"
+            "try:\n    f.frozen_linear(torch.randn(2, 4), torch.randn(3, 4))\n"
+            "except CascadeError as exc:\n    print(exc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("CASCADE_CLIP_LINEAR='mkl': expected auto, onednn or torch (unset it")

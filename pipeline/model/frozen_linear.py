@@ -20,6 +20,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import CascadeError
+
 
 def _onednn_available() -> bool:
     ops = getattr(torch.ops, "mkldnn", None)
@@ -32,13 +34,17 @@ LINEAR_ENV = "CASCADE_CLIP_LINEAR"
 """environment variable choosing the CPU library of wide frozen layers: auto (the default), onednn or torch"""
 
 
+class LinearChoiceError(CascadeError, ValueError):
+    """`LINEAR_ENV` holds a value other than auto, onednn or torch."""
+
+
 def preferred_library(capability: str, choice: str | None) -> str:
     """"onednn" or "torch": the library wide frozen fp32 layers take on a CPU whose vector
     capability (`torch.backends.cpu.get_cpu_capability()`) is `capability`, with `LINEAR_ENV` set
     to `choice` (None or "auto": oneDNN where the CPU has AVX-512, torch's MKL elsewhere)."""
     choice = (choice or "auto").strip().lower()
     if choice not in ("auto", "onednn", "torch"):
-        raise ValueError(f"{LINEAR_ENV}={choice!r}: expected auto, onednn or torch (unset it for auto: oneDNN on "
+        raise LinearChoiceError(f"{LINEAR_ENV}={choice!r}: expected auto, onednn or torch (unset it for auto: oneDNN on "
                          "AVX-512 CPUs, torch's MKL elsewhere; `python -m benchmarks.bench_linear` shows which is "
                          "faster on this CPU)")
     if choice == "auto":
@@ -46,8 +52,18 @@ def preferred_library(capability: str, choice: str | None) -> str:
     return choice
 
 
-CPU_LIBRARY = preferred_library(torch.backends.cpu.get_cpu_capability(), os.environ.get(LINEAR_ENV))
-"""what wide frozen fp32 layers take on this CPU ("onednn" or "torch"), before `ONEDNN` is checked"""
+def _library_from_environment() -> tuple[str, LinearChoiceError | None]:
+    """This CPU's library and, for a bad `LINEAR_ENV`, the error that the first `frozen_linear` call
+    raises (inside a stage or command, which print it; importing the package never fails)."""
+    try:
+        return preferred_library(torch.backends.cpu.get_cpu_capability(), os.environ.get(LINEAR_ENV)), None
+    except LinearChoiceError as exc:
+        return "torch", exc
+
+
+CPU_LIBRARY, _choice_error = _library_from_environment()
+"""CPU_LIBRARY: what wide frozen fp32 layers take on this CPU ("onednn" or "torch"), before `ONEDNN`
+is checked"""
 MIN_MACS = 1 << 24
 """smallest product rows x in x out sent to oneDNN (below it, per-call overhead)"""
 MIN_WIDTH = 256
@@ -79,6 +95,8 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     require one, or under torch.no_grad). Equal to `scale * F.linear(x, weight) + bias` up to float
     rounding.
     """
+    if _choice_error is not None:
+        raise _choice_error
     if not _takes_onednn(x, weight, bias):
         return _torch_linear(x, weight, bias, scale)
     flat = x.reshape(-1, x.shape[-1])
