@@ -44,9 +44,9 @@ def preferred_library(capability: str, choice: str | None) -> str:
     to `choice` (None or "auto": oneDNN where the CPU has AVX-512, torch's MKL elsewhere)."""
     choice = (choice or "auto").strip().lower()
     if choice not in ("auto", "onednn", "torch"):
-        raise LinearChoiceError(f"{LINEAR_ENV}={choice!r}: expected auto, onednn or torch (unset it for auto: oneDNN on "
-                         "AVX-512 CPUs, torch's MKL elsewhere; `python -m benchmarks.bench_linear` shows which is "
-                         "faster on this CPU)")
+        raise LinearChoiceError(f"{LINEAR_ENV}={choice!r}: expected auto, onednn or torch (unset it for auto: oneDNN "
+                                "on AVX-512 CPUs, torch's MKL elsewhere; `python -m benchmarks.bench_linear` shows "
+                                "which is faster on this CPU)")
     if choice == "auto":
         return "onednn" if capability.upper().startswith("AVX512") else "torch"
     return choice
@@ -67,7 +67,8 @@ is checked"""
 MIN_MACS = 1 << 24
 """smallest product rows x in x out sent to oneDNN (below it, per-call overhead)"""
 MIN_WIDTH = 256
-"""narrowest in or out width sent to oneDNN. Measured on a 2-core AVX-512 CPU, oneDNN's time over
+"""narrowest in or out width sent to oneDNN (and, on torch's path, given a scale inside the product:
+`_torch_linear`). Measured on a 2-core AVX-512 CPU, oneDNN's time over
 MKL's: 0.63-0.93 for the paper-size layers (in and out 512-3072, 50-2048 rows, from 2^25 multiply-
 adds), 0.85-1.13 for width-64 layers (the demo's, 1160-6240 rows), so those stay with MKL
 (`python -m benchmarks.bench_linear`)"""
